@@ -1,0 +1,184 @@
+"""Command line: python -m lipsync_trt generate | features | info | serve  (also installed as `lipsync-trt`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import recipe as R
+from .errors import LipsyncError, UsageError
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--generator", metavar="G.pth", required=required,
+                   help="SyncTalk_2D generator checkpoint (a state_dict of Model(6, 'ave'))")
+    p.add_argument("--audio-encoder", metavar="A.pth", required=required,
+                   help="SyncTalk audio encoder checkpoint (audio_visual_encoder.pth, with or without the "
+                        "'audio_encoder.' key prefix)")
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"],
+                   help="runtime (default auto: TensorRT engines on CUDA, else torch on CUDA, else Core ML on macOS, "
+                        "else ONNX Runtime when installed, else torch). `info` lists what is usable here")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="model precision (fp16/bf16 need CUDA or an fp16 engine; default fp32)")
+    p.add_argument("--engines", metavar="DIR", default=None,
+                   help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default engines/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lipsync-trt",
+        description="SyncTalk_2D lip-sync inference: turn speech audio into a talking-head video of a trained avatar.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="render a WAV into an MP4 (and/or PNG frames)",
+                       description="Render speech into a lip-synced video of the avatar: N+2 frames at 25 fps "
+                                   "with the input audio muxed as AAC. Output files are written atomically.")
+    g.add_argument("--avatar", metavar="DIR", help="avatar folder: full_body_img/N.jpg and landmarks/N.lms")
+    g.add_argument("--audio", metavar="WAV", help="speech audio (any rate, mono or stereo, 16/24/32-bit or float)")
+    _add_model_args(g, required=False)
+    g.add_argument("--out", metavar="OUT.mp4", help="output video (default <audio stem>.mp4 in the current folder, "
+                                                    "unless --frames-dir is given)")
+    g.add_argument("--frames", metavar="LIST", help="render only these video frames, e.g. 0,1,2,100-139 (inclusive)")
+    g.add_argument("--frames-dir", metavar="DIR", help="also write each rendered frame as DIR/{i:06d}.png (RGB PNG)")
+    _add_backend_args(g)
+    g.add_argument("--batch-size", type=int, default=None, help="frames per model call (default 4 on CPU, 32 on CUDA)")
+    g.add_argument("--start-frame", type=int, default=0, metavar="K",
+                   help="ping-pong over template frames K..count-1 only (default 0)")
+    g.add_argument("--crf", type=int, default=R.DEFAULT_CRF, help="H.264 quality, 0-51, lower is better (default 20)")
+    g.add_argument("--codec", default="libx264", help="video encoder known to PyAV (default libx264; e.g. h264_nvenc)")
+    g.add_argument("--demo", action="store_true",
+                   help="use a built-in synthetic avatar, seeded UNTRAINED weights and a synthetic clip; "
+                        "needs no files (other inputs you give override the demo's)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    f = sub.add_parser("features", help="write the mel spectrogram (and encoder features) of a WAV to .npz")
+    f.add_argument("--audio", metavar="WAV", required=True)
+    f.add_argument("--audio-encoder", metavar="A.pth", help="when given, also write 'features' (N x 512)")
+    f.add_argument("--out", metavar="F.npz", required=True)
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")
+
+    try:
+        from .serve.cli import add_parser as add_serve
+    except ImportError:
+        add_serve = None
+    if add_serve is not None:
+        add_serve(sub)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import api, pipeline
+    from .demo import UNTRAINED_NOTE, make_demo
+
+    tmp = None
+    try:
+        if args.demo:
+            tmp = tempfile.TemporaryDirectory(prefix="lipsync_demo_")
+            demo = make_demo(tmp.name)
+            args.avatar = args.avatar or demo["avatar"]
+            args.audio = args.audio or demo["audio"]
+            args.generator = args.generator or demo["generator"]
+            args.audio_encoder = args.audio_encoder or demo["audio_encoder"]
+            print(UNTRAINED_NOTE, file=sys.stderr)
+        missing = [f"--{n.replace('_', '-')}" for n in ("avatar", "audio", "generator", "audio_encoder")
+                   if not getattr(args, n)]
+        if missing:
+            raise UsageError(f"generate needs {', '.join(missing)} (or --demo)")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if not 0 <= args.crf <= 51:
+            raise UsageError(f"--crf must be within 0..51, got {args.crf}")
+        out = args.out
+        if out is None and args.frames_dir is None:
+            out = Path(args.audio).stem + ".mp4"
+        options = {"engines": args.engines} if args.engines else {}
+        ls = api.load(args.avatar, args.generator, args.audio_encoder, backend=args.backend, device=args.device,
+                      precision=args.precision, batch_size=args.batch_size, start_frame=args.start_frame, **options)
+        summary = ls.generate(args.audio, out, frames_dir=args.frames_dir, frames=args.frames, crf=args.crf,
+                              codec=args.codec, progress=not args.quiet)
+        print(summary.line())
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import audio as A
+    from . import backends, pipeline
+    from .models import load_audio_encoder
+    from .video import check_writable
+
+    out = check_writable(args.out)
+    wav = A.load_16k(args.audio)
+    device = backends.resolve_device(args.device)
+    arrays = {}
+    if args.audio_encoder:
+        from .backends.torch import TorchRunner
+        from .models import Generator
+
+        runner = TorchRunner(Generator(), load_audio_encoder(args.audio_encoder), device)
+        feats = pipeline.encode_features(runner, wav)
+        arrays = {"mel": feats.mel.cpu().numpy(), "features": feats.features.cpu().numpy()}
+    else:
+        import torch
+        arrays = {"mel": A.mel(torch.from_numpy(wav).to(device)).cpu().numpy()}
+    tmp = out.with_name(f".{out.name}.part.npz")
+    try:
+        np.savez(tmp, **{k: v.astype(np.float32) for k, v in arrays.items()})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))
+    return 0
+
+
+def cmd_info(_: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, backends
+
+    print(f"lipsync_trt {__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)}")
+    else:
+        print("CUDA: not available")
+    for name, a in backends.available().items():
+        print(f"backend {name:12s} {'usable' if a.usable else 'unusable: ' + a.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"generate": cmd_generate, "features": cmd_features, "info": cmd_info}.get(args.command,
+                                                                                         getattr(args, "handler", None))
+    try:
+        return handler(args)
+    except LipsyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The Python API: load an avatar and its checkpoints once, then render many clips."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import audio as A
+from . import avatar as avatar_mod
+from . import backends
+from . import pipeline
+from . import recipe as R
+
+
+class LipSync:
+    """A loaded avatar + backend. Frames are uint8 (H, W, 3) in BGR order (OpenCV's); use [..., ::-1] for RGB."""
+
+    def __init__(self, avatar: avatar_mod.Avatar, runner: backends.Runner, batch_size: int | None = None,
+                 start_frame: int = 0):
+        self.avatar = avatar
+        self.runner = runner
+        self.batch_size = batch_size or pipeline.default_batch_size(runner)
+        self.start_frame = start_frame
+        avatar.order(2, start_frame)   # validate now, not at the first clip
+
+    def features(self, audio: str | os.PathLike | np.ndarray, rate: int | None = None) -> pipeline.Features:
+        """Mel and audio-encoder features of a WAV path or a sample array (with its rate)."""
+        return pipeline.encode_features(self.runner, _to_16k(audio, rate))
+
+    def frames(self, audio: str | os.PathLike | np.ndarray, rate: int | None = None,
+               frames: str | list[int] | None = None, as_tensor: bool = False
+               ) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
+        """Yield (video frame index, frame) for the audio: BGR uint8 (H, W, 3) numpy arrays, or torch tensors on
+        the backend's device with as_tensor=True. `frames` picks indices ('0-99,120' or a list)."""
+        feats = self.features(audio, rate)
+        indices = None
+        if frames is not None:
+            spec = frames if isinstance(frames, str) else ",".join(map(str, frames))
+            indices = pipeline.parse_frames(spec, feats.num_frames)
+        for i, frame in pipeline.iter_frames(self.runner, self.avatar, feats, indices, self.start_frame,
+                                             self.batch_size):
+            yield i, (frame if as_tensor else frame.cpu().numpy())
+
+    def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
+                 rate: int | None = None, frames_dir: str | os.PathLike | None = None,
+                 frames: str | list[int] | None = None, crf: int = R.DEFAULT_CRF, codec: str = "libx264",
+                 progress: bool = False) -> pipeline.Summary:
+        """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary."""
+        if isinstance(audio, (str, os.PathLike)):
+            samples, rate, source = *A.load(audio), str(audio)
+        else:
+            if rate is None:
+                raise ValueError("rate is required when audio is an array")
+            samples, source = np.asarray(audio, dtype=np.float32), "audio array"
+        return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
+                                 frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
+                                 crf=crf, codec=codec, progress=progress, source=source)
+
+
+def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarray:
+    if isinstance(audio, (str, os.PathLike)):
+        return A.load_16k(audio)
+    if rate is None:
+        raise ValueError("rate is required when audio is an array")
+    return A.to_16k_mono(audio, rate, source="audio array")
+
+
+def load(avatar: str | os.PathLike, generator: str | os.PathLike, audio_encoder: str | os.PathLike,
+         backend: str = "auto", device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
+         start_frame: int = 0, **options) -> LipSync:
+    """Validate the avatar folder, load both checkpoints into the chosen backend, and return a LipSync."""
+    av = avatar_mod.load(avatar)
+    runner = backends.load(backend, generator, audio_encoder, device=device, precision=precision, **options)
+    return LipSync(av, runner, batch_size=batch_size, start_frame=start_frame)

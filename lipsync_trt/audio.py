@@ -1,0 +1,157 @@
+"""Audio stages of the recipe (RECIPE §1-3): load -> 16 kHz mono -> mel -> mel windows -> feature windows.
+
+Every tensor function runs on the device its input is on (the mel runs on the GPU when the audio is there).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import recipe as R
+from .errors import AudioError
+
+
+def load(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 (samples, channels) at its own rate; errors name the file."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(f"{path}: not a readable audio file ({str(exc).strip()[:200]})") from None
+    return data, int(rate)
+
+
+def to_16k_mono(data: np.ndarray, rate: int, source: str = "audio") -> np.ndarray:
+    """Average channels to mono and resample to 16 kHz with soxr 'HQ'; reject empty, short or non-finite input."""
+    import soxr
+
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        data = data.mean(axis=1, dtype=np.float32)
+    elif data.ndim != 1:
+        raise AudioError(f"{source}: expected a 1-D (samples) or 2-D (samples, channels) array, got shape {data.shape}")
+    if data.size == 0:
+        raise AudioError(f"{source}: the audio is empty (0 samples)")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(f"{source}: {bad} samples are NaN or infinite; expected finite samples in [-1, 1]")
+    if rate <= 0:
+        raise AudioError(f"{source}: invalid sample rate {rate}")
+    if rate != R.SAMPLE_RATE:
+        data = soxr.resample(data, rate, R.SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    if data.size < R.MIN_SAMPLES:
+        raise AudioError(
+            f"{source}: too short: {data.size / R.SAMPLE_RATE * 1000:.0f} ms at 16 kHz; at least "
+            f"{R.MIN_SAMPLES} samples ({R.MIN_SAMPLES / R.SAMPLE_RATE * 1000:.0f} ms) are needed for one mel window")
+    return np.ascontiguousarray(data)
+
+
+def load_16k(path: str | os.PathLike) -> np.ndarray:
+    """A WAV (any rate, mono or stereo, int or float) as 16 kHz mono float32."""
+    data, rate = load(path)
+    return to_16k_mono(data, rate, source=str(path))
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale (linear below 1 kHz, log above), as librosa's htk=False."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    mels = f / f_sp
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank_np() -> np.ndarray:
+    """(80, 401) Slaney-scale, Slaney-normalised filterbank: librosa.filters.mel(sr=16000, n_fft=800, 80, 55, 7600)."""
+    fft_freqs = np.linspace(0, R.SAMPLE_RATE / 2, 1 + R.N_FFT // 2)
+    mel_pts = _mel_to_hz(np.linspace(_hz_to_mel(R.FMIN), _hz_to_mel(R.FMAX), R.N_MELS + 2))
+    fdiff = np.diff(mel_pts)
+    ramps = mel_pts[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_pts[2:R.N_MELS + 2] - mel_pts[:R.N_MELS]))[:, None]
+    return weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _filterbank(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(mel_filterbank_np()).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _window(device: torch.device) -> torch.Tensor:
+    return torch.hann_window(R.WIN_LENGTH, periodic=True, dtype=torch.float32, device=device)
+
+
+def mel(wav: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """16 kHz mono samples -> normalised log-mel (80, T), T = 1 + len // 200, on the input's device (RECIPE §1)."""
+    x = torch.as_tensor(wav, dtype=torch.float32)
+    if x.ndim != 1:
+        raise AudioError(f"mel: expected 1-D 16 kHz mono samples, got shape {tuple(x.shape)}")
+    y = torch.cat([x[:1], x[1:] - R.PREEMPHASIS * x[:-1]])
+    spec = torch.stft(y, n_fft=R.N_FFT, hop_length=R.HOP_LENGTH, win_length=R.WIN_LENGTH,
+                      window=_window(x.device), center=True, pad_mode="constant", return_complex=True).abs()
+    m = _filterbank(x.device) @ spec
+    s = 20.0 * torch.log10(torch.clamp(m, min=R.AMP_FLOOR)) - R.REF_LEVEL_DB
+    scale = 2 * R.MAX_ABS_VALUE / -R.MIN_LEVEL_DB
+    return torch.clamp(scale * (s - R.MIN_LEVEL_DB) - R.MAX_ABS_VALUE, -R.MAX_ABS_VALUE, R.MAX_ABS_VALUE)
+
+
+def num_windows(mel_frames: int) -> int:
+    """N = int((T - 16) / 80.0 * 25.0) + 2, in float64 in exactly this order (RECIPE §2)."""
+    if mel_frames < R.MEL_WINDOW:
+        raise AudioError(f"audio too short: {mel_frames} mel frames, at least {R.MEL_WINDOW} are needed")
+    return int((mel_frames - R.MEL_WINDOW) / R.MEL_FPS * R.FPS) + 2
+
+
+def window_starts(mel_frames: int) -> list[int]:
+    """Start mel frame of each encoder window: int(80 * (k / 25)), moved back so the window fits."""
+    n = num_windows(mel_frames)
+    last = mel_frames - R.MEL_WINDOW
+    return [min(int(R.MEL_FPS * (k / R.FPS)), last) for k in range(n)]
+
+
+def mel_windows(m: torch.Tensor) -> torch.Tensor:
+    """(80, T) mel -> (N, 1, 80, 16) encoder inputs, on the mel's device."""
+    starts = torch.tensor(window_starts(m.shape[1]), device=m.device)
+    idx = starts[:, None] + torch.arange(R.MEL_WINDOW, device=m.device)[None, :]
+    return m[:, idx].permute(1, 0, 2).unsqueeze(1).contiguous()
+
+
+def pad_features(features: torch.Tensor) -> torch.Tensor:
+    """(N, 512) encoder outputs -> (N + 2, 512): first and last repeated once (one row per video frame)."""
+    return torch.cat([features[:1], features, features[-1:]], dim=0)
+
+
+def feature_windows(padded: torch.Tensor, frames: torch.Tensor | list[int] | range) -> torch.Tensor:
+    """Feature windows (len(frames), 32, 16, 16) for the given video frames: rows [i-8, i+8) of the padded
+    features, zeros outside (RECIPE §3)."""
+    n = padded.shape[0]
+    idx = torch.as_tensor(list(frames) if not isinstance(frames, torch.Tensor) else frames, device=padded.device)
+    rows = idx[:, None] + torch.arange(-R.FEATURE_CONTEXT, R.FEATURE_CONTEXT, device=padded.device)[None, :]
+    valid = (rows >= 0) & (rows < n)
+    out = padded[rows.clamp(0, n - 1)] * valid[..., None].to(padded.dtype)
+    return out.reshape(len(idx), *R.FEATURE_SHAPE)
+
+
+def samples_needed(frame: int) -> int:
+    """Samples at 16 kHz that must have arrived before video frame `frame` can be made (RECIPE §3)."""
+    return R.SAMPLES_PER_FRAME * frame + 7240

@@ -1,0 +1,204 @@
+"""A SyncTalk_2D avatar folder: template frames, landmarks -> face boxes, and the ping-pong frame order (RECIPE §4-5).
+
+Everything that can be wrong with the folder (missing, extra or unreadable frames, malformed landmarks,
+boxes with no area, frames of different sizes) is found by `load`, before any frame is rendered.
+Frames are decoded on demand and kept in a small LRU cache, so long audio never holds the whole clip.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import recipe as R
+from .errors import AvatarError
+
+FRAMES_DIR = "full_body_img"
+LANDMARKS_DIR = "landmarks"
+_NUMBERED = re.compile(r"^(0|[1-9][0-9]*)\.(jpg|lms)$")
+
+
+def jpeg_size(path: Path) -> tuple[int, int]:
+    """(height, width) from a JPEG's SOF marker without decoding it; AvatarError when it is not a JPEG."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+            if data[:2] != b"\xff\xd8":
+                raise AvatarError(f"{path}: not a JPEG file (no SOI marker)")
+            pos = 2
+            while True:
+                while pos + 4 > len(data):
+                    more = f.read(1 << 16)
+                    if not more:
+                        raise AvatarError(f"{path}: truncated JPEG (no frame header found)")
+                    data += more
+                if data[pos] != 0xFF:
+                    raise AvatarError(f"{path}: corrupt JPEG (bad marker at byte {pos})")
+                marker = data[pos + 1]
+                if marker == 0xFF:
+                    pos += 1
+                    continue
+                length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                    while pos + 9 > len(data):
+                        more = f.read(1 << 16)
+                        if not more:
+                            raise AvatarError(f"{path}: truncated JPEG frame header")
+                        data += more
+                    h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+                    if h == 0 or w == 0:
+                        raise AvatarError(f"{path}: JPEG with zero size {w}x{h}")
+                    return h, w
+                pos += 2 + length
+    except OSError as exc:
+        raise AvatarError(f"{path}: cannot read frame ({exc.strerror})") from None
+
+
+def read_landmarks(path: Path) -> np.ndarray:
+    """(110, 2) int32 landmarks from an .lms file ("x y" per line, LF or CRLF), truncated toward zero."""
+    try:
+        text = path.read_text(encoding="ascii", errors="strict")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AvatarError(f"{path}: cannot read landmarks ({exc})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) != R.LANDMARK_COUNT:
+        raise AvatarError(f"{path}: expected {R.LANDMARK_COUNT} landmark lines 'x y', found {len(lines)}")
+    try:
+        pts = np.array([[float(v) for v in ln.split()] for ln in lines], dtype=np.float64)
+    except ValueError:
+        raise AvatarError(f"{path}: landmarks must be two numbers 'x y' per line") from None
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        bad = next(i for i, ln in enumerate(lines) if len(ln.split()) != 2)
+        raise AvatarError(f"{path}: line {bad + 1}: expected two numbers 'x y', got {lines[bad].strip()!r}")
+    if not np.isfinite(pts).all():
+        raise AvatarError(f"{path}: landmarks contain NaN or infinite values")
+    return np.trunc(pts).astype(np.int32)
+
+
+def face_box(lms: np.ndarray, height: int, width: int, source: str = "landmarks") -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) per RECIPE §5, clipped to the frame; AvatarError when nothing is left inside it."""
+    xmin, ymin, xmax = int(lms[R.LM_XMIN, 0]), int(lms[R.LM_YMIN, 1]), int(lms[R.LM_XMAX, 0])
+    side = xmax - xmin
+    if side <= 0:
+        raise AvatarError(f"{source}: empty face box: lm[{R.LM_XMAX}].x={xmax} is not right of lm[{R.LM_XMIN}].x={xmin}")
+    x1, y1, x2, y2 = max(xmin, 0), max(ymin, 0), min(xmax, width), min(ymin + side, height)
+    if x2 <= x1 or y2 <= y1:
+        raise AvatarError(f"{source}: face box ({xmin}, {ymin}, {xmax}, {ymin + side}) lies outside the "
+                          f"{width}x{height} frame")
+    return x1, y1, x2, y2
+
+
+def frame_order(num_frames: int, count: int, start: int = 0) -> np.ndarray:
+    """Template image for each video frame: ping-pong 1, 2, …, count-1, count-2, …, 0, 1, … over images
+    start..count-1 (RECIPE §4)."""
+    m = count - start
+    if m < 2:
+        raise AvatarError(f"start frame {start} leaves {m} template frame(s) of {count}; at least 2 are needed")
+    period = 2 * (m - 1)
+    p = (np.arange(num_frames, dtype=np.int64) + 1) % period
+    return start + np.where(p <= m - 1, p, period - p)
+
+
+@dataclass
+class Avatar:
+    """A loaded avatar: frame paths, boxes (count, 4) as (x1, y1, x2, y2), frame size; frames decoded lazily."""
+
+    root: Path
+    height: int
+    width: int
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    cache_size: int = 32
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def frame_path(self, n: int) -> Path:
+        return self.root / FRAMES_DIR / f"{n}.jpg"
+
+    def frame(self, n: int) -> np.ndarray:
+        """Template frame n as uint8 (H, W, 3) BGR (read-only; copy before drawing on it)."""
+        with self._lock:
+            if n in self._cache:
+                self._cache.move_to_end(n)
+                return self._cache[n]
+        img = decode(self.frame_path(n), self.height, self.width)
+        img.setflags(write=False)
+        with self._lock:
+            self._cache[n] = img
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return img
+
+    def order(self, num_frames: int, start: int = 0) -> np.ndarray:
+        if not 0 <= start < self.count:
+            raise AvatarError(f"{self.root}: start frame {start} is outside 0..{self.count - 1}")
+        return frame_order(num_frames, self.count, start)
+
+
+def decode(path: Path, height: int, width: int) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise AvatarError(f"{path}: cannot decode JPEG")
+    if img.shape[:2] != (height, width):
+        raise AvatarError(f"{path}: frame is {img.shape[1]}x{img.shape[0]}, expected {width}x{height} like 0.jpg")
+    return img
+
+
+def _numbered(folder: Path, ext: str) -> dict[int, Path]:
+    if not folder.is_dir():
+        raise AvatarError(f"{folder}: folder not found (an avatar has {FRAMES_DIR}/N.jpg and {LANDMARKS_DIR}/N.lms)")
+    found = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        m = _NUMBERED.match(entry.name)
+        if not m or m.group(2) != ext:
+            raise AvatarError(f"{folder / entry.name}: unexpected file; {folder.name}/ must hold only 0.{ext} .. N.{ext}")
+        found[int(m.group(1))] = Path(entry.path)
+    return found
+
+
+def load(root: str | os.PathLike, cache_size: int = 32) -> Avatar:
+    """Validate and load an avatar folder (SyncTalk_2D layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AvatarError(f"{root}: avatar folder not found")
+    frames = _numbered(root / FRAMES_DIR, "jpg")
+    lms = _numbered(root / LANDMARKS_DIR, "lms")
+    count = len(frames)
+    if count < 2:
+        raise AvatarError(f"{root / FRAMES_DIR}: {count} frame(s); an avatar needs at least 2")
+    for n in range(count):
+        if n not in frames:
+            raise AvatarError(f"{root / FRAMES_DIR / f'{n}.jpg'}: missing (frames must be numbered 0..{count - 1} "
+                              f"without gaps; found {count} files up to {max(frames)}.jpg)")
+        if n not in lms:
+            raise AvatarError(f"{root / LANDMARKS_DIR / f'{n}.lms'}: missing landmarks for frame {n}")
+    extra = sorted(set(lms) - set(frames))
+    if extra:
+        raise AvatarError(f"{root / LANDMARKS_DIR / f'{extra[0]}.lms'}: landmarks without a frame "
+                          f"({FRAMES_DIR}/{extra[0]}.jpg does not exist)")
+    height, width = jpeg_size(frames[0])
+    marks = np.empty((count, R.LANDMARK_COUNT, 2), np.int32)
+    boxes = np.empty((count, 4), np.int64)
+    for n in range(count):
+        size = jpeg_size(frames[n])
+        if size != (height, width):
+            raise AvatarError(f"{frames[n]}: frame is {size[1]}x{size[0]}, expected {width}x{height} like 0.jpg")
+        marks[n] = read_landmarks(lms[n])
+        boxes[n] = face_box(marks[n], height, width, source=str(lms[n]))
+    return Avatar(root=root, height=height, width=width, boxes=boxes, landmarks=marks, cache_size=cache_size)

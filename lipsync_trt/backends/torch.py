@@ -1,0 +1,50 @@
+"""PyTorch backend: eager modules on CPU or CUDA, channels_last, inference_mode, optional fp16/bf16."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import BackendError
+from ..models import load_audio_encoder, load_generator
+from .base import Runner
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def probe() -> str | None:
+    """None when usable (always: torch is a core dependency)."""
+    return None
+
+
+class TorchRunner(Runner):
+    def __init__(self, generator: torch.nn.Module, audio_encoder: torch.nn.Module, device: torch.device,
+                 precision: str = "fp32"):
+        super().__init__(name="torch", device=device, precision=precision)
+        if precision not in PRECISIONS:
+            raise BackendError(f"torch backend: unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
+        if precision != "fp32" and device.type == "cpu":
+            raise BackendError(f"torch backend: precision {precision} needs a CUDA device; use fp32 on the CPU")
+        self.model_dtype = PRECISIONS[precision]
+        self.generator = generator.eval().to(device=device, dtype=self.model_dtype, memory_format=torch.channels_last)
+        self.audio_encoder = audio_encoder.eval().to(device)   # tiny; kept fp32 so features match the reference
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model_dtype
+
+    def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.audio_encoder(mel_windows.to(self.device, torch.float32))
+
+    def generate(self, images: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = images.to(self.device, self.model_dtype).contiguous(memory_format=torch.channels_last)
+            a = audio.to(self.device, self.model_dtype)
+            return self.generator(x, a).float()
+
+
+def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device: torch.device,
+         precision: str = "fp32", **_: object) -> TorchRunner:
+    """Load both checkpoints into a TorchRunner on `device`."""
+    return TorchRunner(load_generator(generator), load_audio_encoder(audio_encoder), device, precision)

@@ -1,0 +1,294 @@
+"""The only place that knows the order of the stages: audio -> features -> (template frames -> prepare ->
+generator -> paste) -> frames, batched, with decode/prepare, model and paste/sink overlapped in threads."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from . import audio as A
+from . import compose
+from . import recipe as R
+from .avatar import Avatar
+from .backends.base import Runner
+from .errors import UsageError
+
+ENCODER_BATCH = 256
+
+
+@dataclass
+class Features:
+    """Audio side of a job: the 16 kHz samples, the mel (80, T), encoder outputs (N, 512), padded (N + 2, 512)."""
+
+    samples: np.ndarray
+    mel: torch.Tensor
+    features: torch.Tensor
+    padded: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        """Video frames this audio makes (N + 2)."""
+        return self.padded.shape[0]
+
+
+def default_batch_size(runner: Runner) -> int:
+    """A batch that keeps the device busy without hurting latency: 4 on a CPU, 32 on a GPU."""
+    return 32 if runner.device.type == "cuda" else 4
+
+
+def encode_features(runner: Runner, wav16k: np.ndarray, batch: int = ENCODER_BATCH) -> Features:
+    """16 kHz mono samples -> mel, per-window encoder features and the padded per-frame features."""
+    samples = torch.from_numpy(np.ascontiguousarray(wav16k, dtype=np.float32)).to(runner.device)
+    mel = A.mel(samples)
+    windows = A.mel_windows(mel)
+    feats = torch.cat([runner.encode_audio(windows[i:i + batch]) for i in range(0, len(windows), batch)])
+    return Features(samples=wav16k, mel=mel, features=feats, padded=A.pad_features(feats))
+
+
+_FRAME_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_frames(spec: str, num_frames: int) -> list[int]:
+    """'0,1,2,100-139' -> sorted unique indices; each must be inside 0..num_frames-1."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        m = _FRAME_SPEC.match(part)
+        if not m:
+            raise UsageError(f"--frames: {part.strip()!r} is not an index or an inclusive range like 100-139")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise UsageError(f"--frames: range {part.strip()!r} runs backwards")
+        if hi >= num_frames:
+            raise UsageError(f"--frames: index {hi} is outside 0..{num_frames - 1} (this audio makes "
+                             f"{num_frames} video frames)")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise UsageError("--frames: no frame indices given")
+    return sorted(out)
+
+
+_DONE = object()
+
+
+class _Stage(threading.Thread):
+    """A worker that maps items from `inbox` to `outbox`; errors travel downstream as exceptions."""
+
+    def __init__(self, fn: Callable, inbox: Iterable | queue.Queue, outbox: queue.Queue, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.fn, self.inbox, self.outbox, self.stop = fn, inbox, outbox, stop
+
+    def _items(self):
+        if isinstance(self.inbox, queue.Queue):
+            while True:
+                item = self.inbox.get()
+                if item is _DONE or isinstance(item, BaseException):
+                    yield item
+                    return
+                yield item
+        else:
+            yield from self.inbox
+            yield _DONE
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.outbox.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            for item in self._items():
+                if self.stop.is_set():
+                    return
+                if item is _DONE or isinstance(item, BaseException):
+                    self._put(item)
+                    return
+                if not self._put(self.fn(item)):
+                    return
+        except BaseException as exc:   # handed to the consumer, which re-raises it
+            self._put(exc)
+
+
+def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int]
+                 ) -> list[torch.Tensor]:
+    """Synchronous single batch: template frames + feature windows -> composited frames (H, W, 3) uint8 BGR
+    on the runner's device. The streaming server and tests use this; `iter_frames` overlaps the same steps."""
+    prepared = _prepare(runner, avatar, list(template_ids))
+    pred = runner.generate(prepared[1], audio_windows)
+    return _paste(prepared, pred)
+
+
+def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int]):
+    frames = [torch.from_numpy(avatar.frame(t).copy()).to(runner.device) for t in template_ids]
+    boxes = [avatar.boxes[t] for t in template_ids]
+    inputs, crops = compose.prepare(frames, boxes, runner.dtype)
+    return frames, inputs, crops, boxes
+
+
+def _paste(prepared, pred: torch.Tensor) -> list[torch.Tensor]:
+    frames, _, crops, boxes = prepared
+    return compose.paste(frames, crops, pred, boxes)
+
+
+def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
+                start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (video frame index, composited frame (H, W, 3) uint8 BGR torch tensor) in ascending order.
+
+    Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
+    three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
+    """
+    n = feats.num_frames
+    indices = list(range(n)) if indices is None else indices
+    order = avatar.order(n, start_frame)
+    bs = batch_size or default_batch_size(runner)
+    batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
+    stats = timings if timings is not None else {}
+    for key in ("prepare", "model", "paste"):
+        stats.setdefault(key, 0.0)
+
+    def prep(idx: list[int]):
+        t = time.perf_counter()
+        prepared = _prepare(runner, avatar, [int(order[i]) for i in idx])
+        audio = A.feature_windows(feats.padded, idx).to(runner.dtype)
+        stats["prepare"] += time.perf_counter() - t
+        return idx, prepared, audio
+
+    def model(item):
+        idx, prepared, audio = item
+        t = time.perf_counter()
+        pred = runner.generate(prepared[1], audio)
+        if pred.device.type == "cuda":
+            torch.cuda.current_stream(pred.device).synchronize()
+        stats["model"] += time.perf_counter() - t
+        return idx, prepared, pred
+
+    stop = threading.Event()
+    q1: queue.Queue = queue.Queue(maxsize=2)
+    q2: queue.Queue = queue.Queue(maxsize=2)
+    workers = [_Stage(prep, batches, q1, stop), _Stage(model, q1, q2, stop)]
+    for w in workers:
+        w.start()
+    try:
+        while True:
+            item = q2.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            idx, prepared, pred = item
+            t = time.perf_counter()
+            frames = _paste(prepared, pred)
+            stats["paste"] += time.perf_counter() - t
+            yield from zip(idx, frames)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=5)
+
+
+@dataclass
+class Summary:
+    """What a generate call did: frame count, wall time, frames/s, backend, device, output paths."""
+
+    frames: int
+    seconds: float
+    backend: str
+    device: str
+    batch_size: int
+    out: str | None = None
+    frames_dir: str | None = None
+    timings: dict | None = None
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+
+    def line(self) -> str:
+        where = ", ".join(p for p in (self.out, self.frames_dir) if p)
+        return (f"{self.frames} frames in {self.seconds:.2f} s ({self.fps:.2f} frames/s), backend {self.backend}, "
+                f"device {self.device}, batch {self.batch_size}" + (f" -> {where}" if where else ""))
+
+
+def audio_span(indices: list[int], samples: np.ndarray, rate: int) -> np.ndarray | None:
+    """The input audio under a set of rendered frames: all of it for the whole clip, the matching span
+    for one contiguous range, None (no audio track) for scattered frames."""
+    if indices[-1] - indices[0] + 1 != len(indices):
+        return None
+    start = round(indices[0] * rate / R.FPS)
+    stop = round((indices[-1] + 1) * rate / R.FPS)
+    return samples[start:stop]
+
+
+def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out: str | os.PathLike | None = None,
+             frames_dir: str | os.PathLike | None = None, frames: str | list[int] | None = None,
+             start_frame: int = 0, batch_size: int | None = None, crf: int = R.DEFAULT_CRF,
+             codec: str = "libx264", progress: bool = True, source: str = "audio") -> Summary:
+    """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs."""
+    from tqdm import tqdm
+
+    from .audio import to_16k_mono
+    from .video import VideoWriter, check_writable, write_png
+
+    if out is None and frames_dir is None:
+        raise UsageError("nothing to write: give an output video path and/or a frames folder")
+    if out is not None:
+        check_writable(out)
+    wav16k = to_16k_mono(samples, rate, source=source)
+    avatar.order(2, start_frame)   # validates the start frame before any work
+    t0 = time.perf_counter()
+    feats = encode_features(runner, wav16k)
+    n = feats.num_frames
+    whole = frames is None
+    indices = list(range(n)) if whole else (parse_frames(frames, n) if isinstance(frames, str) else
+                                            parse_frames(",".join(map(str, frames)), n))
+    fdir = None
+    if frames_dir is not None:
+        fdir = Path(frames_dir)
+        try:
+            fdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from .errors import OutputError
+            raise OutputError(f"{fdir}: cannot create frames folder ({exc.strerror})") from None
+    track = samples if whole else audio_span(indices, samples, rate)
+    bs = batch_size or default_batch_size(runner)
+    timings: dict = {}
+    bar = tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False)
+    writer = (VideoWriter(out, avatar.width, avatar.height, audio=track, audio_rate=rate, crf=crf, codec=codec)
+              if out is not None else None)
+    try:
+        if writer is not None:
+            writer.__enter__()
+        for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings):
+            arr = frame.cpu().numpy()
+            if writer is not None:
+                writer.write(arr)
+            if fdir is not None:
+                write_png(fdir / f"{i:06d}.png", arr)
+            bar.update(1)
+    except BaseException as exc:
+        if writer is not None:
+            writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        if writer is not None:
+            writer.__exit__(None, None, None)
+    finally:
+        bar.close()
+    return Summary(frames=len(indices), seconds=time.perf_counter() - t0, backend=runner.name,
+                   device=str(runner.device), batch_size=bs, out=str(out) if out else None,
+                   frames_dir=str(fdir) if fdir else None, timings=timings)

@@ -1,0 +1,132 @@
+"""MP4 output with PyAV: H.264 video at 25 fps plus the input audio as AAC, written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import recipe as R
+from .errors import OutputError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early (before any rendering) when `path`'s folder does not exist or cannot be written."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; expected a file name such as out.mp4")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: output folder {folder} is not writable")
+    return path
+
+
+class VideoWriter:
+    """Context manager: frames (H, W, 3) uint8 BGR in, an MP4 out. The file appears only on success;
+    on any exception (Ctrl-C included) the temporary file is removed."""
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, audio: np.ndarray | None = None,
+                 audio_rate: int = R.SAMPLE_RATE, fps: int = int(R.FPS), crf: int = R.DEFAULT_CRF,
+                 codec: str = "libx264", threads: int = 0):
+        self.path = check_writable(path)
+        if width % 2 or height % 2:
+            raise OutputError(f"{self.path}: H.264 yuv420p needs even frame sizes, the avatar is {width}x{height}")
+        self.width, self.height, self.fps, self.crf, self.codec, self.threads = width, height, fps, crf, codec, threads
+        self.audio, self.audio_rate = audio, audio_rate
+        self.frames = 0
+        self._container = None
+
+    def __enter__(self) -> "VideoWriter":
+        import av
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part.mp4", dir=self.path.parent or ".")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        try:
+            self._container = av.open(str(self._tmp), mode="w", format="mp4")
+            try:
+                vs = self._container.add_stream(self.codec, rate=self.fps)
+            except Exception as exc:
+                raise OutputError(f"video codec {self.codec!r} is not available in this PyAV/FFmpeg ({exc})") from None
+            vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+            if self.codec == "libx264":
+                vs.options = {"crf": str(self.crf), "preset": "medium"}
+            vs.thread_count = self.threads
+            self._video = vs
+            if self.audio is not None and len(self.audio):
+                self._write_audio(self.audio, self.audio_rate)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _write_audio(self, samples: np.ndarray, rate: int) -> None:
+        import av
+
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim == 1:
+            samples = samples[:, None]
+        layout = "mono" if samples.shape[1] == 1 else "stereo"
+        if samples.shape[1] > 2:
+            samples, layout = samples.mean(axis=1, keepdims=True), "mono"
+        stream = self._container.add_stream("aac", rate=rate, layout=layout)
+        planar = np.ascontiguousarray(samples.T)
+        chunk = 1024
+        for start in range(0, planar.shape[1], chunk):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:start + chunk]),
+                                               format="fltp", layout=layout)
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                self._container.mux(packet)
+        for packet in stream.encode(None):
+            self._container.mux(packet)
+
+    def write(self, frame_bgr: np.ndarray) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_bgr), format="bgr24")
+        frame.pts = self.frames
+        self.frames += 1
+        for packet in self._video.encode(frame):
+            self._container.mux(packet)
+
+    def _abort(self) -> None:
+        try:
+            if self._container is not None:
+                self._container.close()
+        except Exception:
+            pass
+        self._tmp.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            for packet in self._video.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._abort()
+            raise
+
+
+def write_png(path: Path, frame_bgr: np.ndarray) -> None:
+    """Lossless RGB PNG of a BGR frame, written atomically."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", frame_bgr)
+    if not ok:
+        raise OutputError(f"{path}: PNG encoding failed")
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None

@@ -1,0 +1,39 @@
+"""lipsync_trt: SyncTalk_2D lip-sync inference (WAV -> MP4, Python API, streaming server), fast on every backend."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lipsync_trt",
+    version="0.1.0",
+    description="Fast SyncTalk_2D lip-sync inference: PyTorch, ONNX Runtime, TensorRT and Core ML backends",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lipsync_trt", "lipsync_trt.*"]) + ["lipsync_trt.kernels"],
+    package_dir={"lipsync_trt.kernels": "kernels"},
+    package_data={"lipsync_trt": ["serve/static/*"], "lipsync_trt.kernels": ["README.md"]},
+    install_requires=[
+        "torch>=2.2",
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "av>=12",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "tensorrt": ["onnx>=1.16", "tensorrt>=10"],
+        "coreml": ["coremltools>=8.0"],
+        "gpu": ["triton>=3.0"],
+        "serve": ["aiohttp>=3.9"],
+        "dev": [
+            "pytest>=8",
+            "librosa>=0.10",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "aiohttp>=3.9",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["lipsync-trt=lipsync_trt.__main__:main"]},
+)
