@@ -69,13 +69,15 @@ def read_landmarks(path: Path) -> np.ndarray:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) != R.LANDMARK_COUNT:
         raise AvatarError(f"{path}: expected {R.LANDMARK_COUNT} landmark lines 'x y', found {len(lines)}")
-    try:
-        pts = np.array([[float(v) for v in ln.split()] for ln in lines], dtype=np.float64)
-    except ValueError:
-        raise AvatarError(f"{path}: landmarks must be two numbers 'x y' per line") from None
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        bad = next(i for i, ln in enumerate(lines) if len(ln.split()) != 2)
-        raise AvatarError(f"{path}: line {bad + 1}: expected two numbers 'x y', got {lines[bad].strip()!r}")
+    pts = np.empty((R.LANDMARK_COUNT, 2), np.float64)
+    for i, ln in enumerate(lines):
+        parts = ln.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            pts[i] = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise AvatarError(f"{path}: line {i + 1}: expected two numbers 'x y', got {ln.strip()!r}") from None
     if not np.isfinite(pts).all():
         raise AvatarError(f"{path}: landmarks contain NaN or infinite values")
     return np.trunc(pts).astype(np.int32)

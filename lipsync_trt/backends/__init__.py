@@ -10,7 +10,7 @@ import importlib
 import os
 from dataclasses import dataclass
 
-import torch
+import torch as _torch   # aliased: the submodule backends.torch would shadow the name
 
 from ..errors import BackendError
 from .base import Runner
@@ -43,23 +43,23 @@ def available() -> dict[str, Availability]:
     return out
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | _torch.device = "auto") -> _torch.device:
     """'auto' -> cuda when torch sees a GPU, else cpu; an explicit 'cuda' without one is an error."""
-    if isinstance(device, torch.device):
+    if isinstance(device, _torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _torch.device("cuda" if _torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        dev = _torch.device(device)
     except RuntimeError:
         raise BackendError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not _torch.cuda.is_available():
         raise BackendError("device 'cuda' requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     return dev
 
 
-def select(name: str = "auto", device: str | torch.device = "auto", engines: str | os.PathLike | None = None
-           ) -> tuple[str, torch.device]:
+def select(name: str = "auto", device: str | _torch.device = "auto", engines: str | os.PathLike | None = None
+           ) -> tuple[str, _torch.device]:
     """Pick a backend: an explicit name is checked for usability; 'auto' follows DESIGN.md's order."""
     dev = resolve_device(device)
     avail = available()
@@ -74,14 +74,14 @@ def select(name: str = "auto", device: str | torch.device = "auto", engines: str
         return "torch", dev
     import platform
     if platform.system() == "Darwin" and avail["coreml"].usable:
-        return "coreml", torch.device("cpu")
+        return "coreml", _torch.device("cpu")
     if avail["onnxruntime"].usable:   # measured ~4x eager torch on a 2-core x86 CPU (docs/BENCHMARKS.md)
         return "onnxruntime", dev
     return "torch", dev
 
 
 def load(name: str, generator: str | os.PathLike, audio_encoder: str | os.PathLike,
-         device: str | torch.device = "auto", precision: str = "fp32", **options) -> Runner:
+         device: str | _torch.device = "auto", precision: str = "fp32", **options) -> Runner:
     """Resolve 'auto' and load the chosen backend's runner."""
     name, dev = select(name, device, options.get("engines"))
     return _module(name).load(generator, audio_encoder, dev, precision=precision, **options)

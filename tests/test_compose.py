@@ -1,0 +1,99 @@
+"""Compositing (RECIPE §6-7) vs an OpenCV implementation of the reference's steps, on real sanders frames."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lipsync_trt import avatar as AV
+from lipsync_trt import compose
+
+
+def cv2_prepare(img: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+    """inference_328.py: crop, resize to 328 (INTER_CUBIC), inner 320, masked copy, /255, CHW, concat."""
+    x1, y1, x2, y2 = box
+    crop = img[y1:y2, x1:x2]
+    crop = cv2.resize(crop, (328, 328), interpolation=cv2.INTER_CUBIC)
+    crop_ori = crop.copy()
+    real = crop[4:324, 4:324].copy()
+    masked = cv2.rectangle(real.copy(), (5, 5, 310, 305), (0, 0, 0), -1)
+    real_t = real.transpose(2, 0, 1).astype(np.float32) / 255.0
+    masked_t = masked.transpose(2, 0, 1).astype(np.float32) / 255.0
+    return np.concatenate([real_t, masked_t], axis=0), crop_ori
+
+
+def cv2_paste(img: np.ndarray, crop_ori: np.ndarray, pred: np.ndarray, box) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    h, w = y2 - y1, x2 - x1
+    pred = np.array(pred.transpose(1, 2, 0) * 255, dtype=np.uint8)
+    crop_ori = crop_ori.copy()
+    crop_ori[4:324, 4:324] = pred
+    out = img.copy()
+    out[y1:y2, x1:x2] = cv2.resize(crop_ori, (w, h), interpolation=cv2.INTER_CUBIC)
+    return out
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    d = np.abs(a.astype(np.int32) - b.astype(np.int32))
+    return float((d == 0).mean()), int(d.max())
+
+
+def test_resize_cubic_matches_opencv_on_many_sizes():
+    rng = np.random.default_rng(0)
+    equal, total = 0, 0
+    for _ in range(30):
+        ih, iw, oh, ow = rng.integers(4, 340, size=4)
+        src = cv2.GaussianBlur(rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8), (5, 5), 0)
+        ref = cv2.resize(src, (int(ow), int(oh)), interpolation=cv2.INTER_CUBIC)
+        ours = compose.resize_cubic(torch.from_numpy(src), int(oh), int(ow)).numpy()
+        d = np.abs(ref.astype(int) - ours)
+        assert d.max() <= 1, (ih, iw, oh, ow)
+        equal, total = equal + (d == 0).sum(), total + d.size
+    assert equal / total >= 0.999
+
+
+@pytest.fixture(scope="module")
+def frames(sanders):
+    av = AV.load(sanders)
+    ids = [0, 1, 77, 260, 522]
+    return av, ids, [av.frame(i).copy() for i in ids]
+
+
+def test_prepare_matches_opencv_on_sanders(frames):
+    av, ids, imgs = frames
+    boxes = [av.boxes[i] for i in ids]
+    inputs, crops = compose.prepare([torch.from_numpy(f) for f in imgs], boxes)
+    assert inputs.shape == (len(ids), 6, 320, 320) and inputs.dtype == torch.float32
+    eq_total, n = 0.0, 0
+    for k, (img, box) in enumerate(zip(imgs, boxes)):
+        ref_in, ref_crop = cv2_prepare(img, box)
+        frac, worst = agreement(crops[k].numpy(), ref_crop)
+        assert worst <= 1 and frac >= 0.999
+        diff = np.abs(inputs[k].numpy() - ref_in)
+        assert diff.max() <= 1 / 255 + 1e-7
+        assert (diff == 0).mean() >= 0.999          # exact same float where the byte is the same
+        assert np.all(inputs[k, 3:, 5:310, 5:315].numpy() == 0)
+
+
+def test_paste_matches_opencv_on_sanders(frames):
+    av, ids, imgs = frames
+    boxes = [av.boxes[i] for i in ids]
+    torch.manual_seed(0)
+    pred = torch.rand(len(ids), 3, 320, 320)       # the model output, held fixed
+    _, ref_crops = zip(*[cv2_prepare(img, b) for img, b in zip(imgs, boxes)])
+    ours = [torch.from_numpy(f.copy()) for f in imgs]
+    compose.paste(ours, torch.from_numpy(np.stack(ref_crops)), pred, boxes)
+    for k, (img, box) in enumerate(zip(imgs, boxes)):
+        ref = cv2_paste(img, ref_crops[k], pred[k].numpy(), box)
+        frac, worst = agreement(ours[k].numpy(), ref)
+        assert worst <= 1 and frac >= 0.999
+        x1, y1, x2, y2 = box
+        outside = np.ones(img.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(ours[k].numpy()[outside], img[outside])
+
+
+def test_pred_is_truncated_not_rounded():
+    pred = torch.full((1, 3, 2, 2), 0.999)       # 254.745 -> 254 (numpy astype truncates)
+    assert compose.to_uint8(pred).unique().tolist() == [254]
