@@ -42,7 +42,10 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         import av
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part.mp4", dir=self.path.parent or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part.mp4", dir=self.path.parent or ".")
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create the output file ({exc.strerror})") from None
         os.close(fd)
         self._tmp = Path(tmp)
         try:
