@@ -11,10 +11,6 @@ SHARED = Path(os.environ.get("LIPSYNC_SHARED", REPO.parent / "shared"))
 SANDERS = SHARED / "datasets" / "sanders"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with -m gpu on a GPU machine)")
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
