@@ -2,6 +2,7 @@
 generator -> paste) -> frames, batched, with decode/prepare, model and paste/sink overlapped in threads."""
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -19,7 +20,7 @@ from . import compose
 from . import recipe as R
 from .avatar import Avatar
 from .backends.base import Runner
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 ENCODER_BATCH = 256
 
@@ -262,33 +263,20 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
         try:
             fdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from .errors import OutputError
             raise OutputError(f"{fdir}: cannot create frames folder ({exc.strerror})") from None
     track = samples if whole else audio_span(indices, samples, rate)
     bs = batch_size or default_batch_size(runner)
     timings: dict = {}
-    bar = tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False)
     writer = (VideoWriter(out, avatar.width, avatar.height, audio=track, audio_rate=rate, crf=crf, codec=codec)
-              if out is not None else None)
-    try:
-        if writer is not None:
-            writer.__enter__()
+              if out is not None else contextlib.nullcontext())
+    with writer, tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar:
         for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings):
             arr = frame.cpu().numpy()
-            if writer is not None:
+            if out is not None:
                 writer.write(arr)
             if fdir is not None:
                 write_png(fdir / f"{i:06d}.png", arr)
             bar.update(1)
-    except BaseException as exc:
-        if writer is not None:
-            writer.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    else:
-        if writer is not None:
-            writer.__exit__(None, None, None)
-    finally:
-        bar.close()
     return Summary(frames=len(indices), seconds=time.perf_counter() - t0, backend=runner.name,
                    device=str(runner.device), batch_size=bs, out=str(out) if out else None,
                    frames_dir=str(fdir) if fdir else None, timings=timings)
