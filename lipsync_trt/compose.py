@@ -8,6 +8,7 @@ uint8 (H, W, 3) BGR tensors; boxes are (x1, y1, x2, y2) with x2/y2 exclusive, as
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -85,9 +86,26 @@ def prepare_one(frame: torch.Tensor, box, dtype: torch.dtype = torch.float32) ->
     return lut[both], crop328
 
 
+def _kernels(frames) -> object | None:
+    """The Triton kernels module when the frames are on a CUDA device and the kernels can run there."""
+    if not len(frames) or frames[0].device.type != "cuda" or os.environ.get("LIPSYNC_KERNELS", "1") == "0":
+        return None
+    from . import kernels
+    return kernels if kernels.available() is None else None
+
+
+def _box_tensor(boxes, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray([[int(v) for v in b] for b in boxes], dtype=np.int32), device=device)
+
+
 def prepare(frames: list[torch.Tensor] | torch.Tensor, boxes, dtype: torch.dtype = torch.float32
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch of frames + boxes -> (B, 6, 320, 320) generator input and (B, 328, 328, 3) uint8 crops."""
+    """Batch of frames + boxes -> (B, 6, 320, 320) generator input and (B, 328, 328, 3) uint8 crops.
+    On CUDA the fused Triton kernel does it in one pass; elsewhere the PyTorch path below."""
+    k = _kernels(frames)
+    if k is not None:
+        batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
+        return k.prepare(batch, _box_tensor(boxes, "cpu"), dtype)
     pairs = [prepare_one(f, b, dtype) for f, b in zip(frames, boxes)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -109,7 +127,13 @@ def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor,
 
 def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes
           ) -> list[torch.Tensor] | torch.Tensor:
-    """Composite a batch of generator outputs (B, 3, 320, 320) into the frames, in place."""
+    """Composite a batch of generator outputs (B, 3, 320, 320) into the frames, in place (a stacked
+    (B, H, W, 3) tensor, or a list of frames; on CUDA through the fused Triton kernel)."""
+    k = _kernels(frames)
+    if k is not None:
+        batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
+        k.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"))
+        return batch if isinstance(frames, torch.Tensor) else list(batch.unbind(0))
     pred_u8 = to_uint8(pred).to(crops328.device)
     for i, (f, b) in enumerate(zip(frames, boxes)):
         paste_one(f, crops328[i], pred_u8[i], b)
