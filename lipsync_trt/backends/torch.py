@@ -19,7 +19,7 @@ def probe() -> str | None:
 
 class TorchRunner(Runner):
     def __init__(self, generator: torch.nn.Module, audio_encoder: torch.nn.Module, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile: str | None = None):
         super().__init__(name="torch", device=device, precision=precision)
         if precision not in PRECISIONS:
             raise BackendError(f"torch backend: unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
@@ -28,6 +28,9 @@ class TorchRunner(Runner):
         self.model_dtype = PRECISIONS[precision]
         self.generator = generator.eval().to(device=device, dtype=self.model_dtype, memory_format=torch.channels_last)
         self.audio_encoder = audio_encoder.eval().to(device)   # tiny; kept fp32 so features match the reference
+        if compile:   # torch.compile mode, e.g. "max-autotune" or "reduce-overhead" (CUDA graphs per batch size)
+            self.generator = torch.compile(self.generator, mode=None if compile == "default" else compile)
+            self.info["compile"] = compile
 
     @property
     def dtype(self) -> torch.dtype:
@@ -45,6 +48,6 @@ class TorchRunner(Runner):
 
 
 def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device: torch.device,
-         precision: str = "fp32", **_: object) -> TorchRunner:
-    """Load both checkpoints into a TorchRunner on `device`."""
-    return TorchRunner(load_generator(generator), load_audio_encoder(audio_encoder), device, precision)
+         precision: str = "fp32", compile: str | None = None, **_: object) -> TorchRunner:
+    """Load both checkpoints into a TorchRunner on `device` (optionally torch.compile'd generator)."""
+    return TorchRunner(load_generator(generator), load_audio_encoder(audio_encoder), device, precision, compile)
