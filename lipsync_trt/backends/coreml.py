@@ -31,17 +31,19 @@ DEPLOYMENT_TARGET = "iOS16"   # ML programs with fp16 compute and flexible shape
 def _import():
     import logging
 
-    if platform.system() != "Darwin":   # on Linux the Core ML runtime proxies are absent by design: not news
-        for name in ("coremltools.models.model", "coremltools.models.compute_plan", "coremltools.models.compute_device",
-                     "coremltools.models.ml_program.experimental.compute_plan_utils",
-                     "coremltools.models.ml_program.experimental.async_wrapper"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    if platform.system() != "Darwin" and "coremltools" not in sys.modules:
+        # on Linux the import warns that the Core ML runtime proxies are absent (by design: conversion only)
+        ct_logger.setLevel(logging.ERROR)
     try:
         import coremltools as ct
     except ImportError:
         return None, "coremltools is not installed (pip install 'lipsync_trt[coreml]')"
     except Exception as exc:   # coremltools' native parts can fail to import on unsupported platforms
         return None, f"coremltools is not usable: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+    finally:
+        ct_logger.setLevel(level)
     return ct, None
 
 

@@ -1,0 +1,110 @@
+"""`python -m lipsync_trt serve`: the streaming server (see docs/PROTOCOL.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from ..errors import UsageError
+from .protocol import MAX_MESSAGE_BYTES
+from .scheduler import POLICIES
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="real-time streaming server: WebSocket protocol + browser client",
+        description="Serve live lip sync: clients send 40 ms chunks of 24 kHz audio over a binary WebSocket at "
+                    "ws://HOST:PORT/ and get each video frame's mouth region back (docs/PROTOCOL.md); the browser "
+                    "client is at http://HOST:PORT/.")
+    p.add_argument("--avatar", action="append", default=[], metavar="NAME=DIR",
+                   help="an avatar folder served under NAME (the model name clients send); repeat for several")
+    p.add_argument("--generator", action="append", default=[], metavar="[NAME=]G.pth",
+                   help="generator checkpoint for avatar NAME, or a bare path for every avatar without its own")
+    p.add_argument("--audio-encoder", metavar="A.pth", help="the audio encoder checkpoint (shared by all avatars)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8084, help="port (default 8084)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--engines", metavar="DIR", default=None, help="folder of built engines/ONNX")
+    p.add_argument("--max-batch", type=int, default=8, help="most frames per generator call (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="longest a ready frame waits for a fuller batch (default 10 ms)")
+    p.add_argument("--max-streams", type=int, default=64, help="concurrent streams before OVERLOADED (default 64)")
+    p.add_argument("--max-queue", type=int, default=50,
+                   help="frames in flight per stream before the overload policy applies (default 50 = 2 s)")
+    p.add_argument("--policy", default="reject", choices=POLICIES,
+                   help="when a stream's queue is full: reject (answer OVERLOADED for the frame) or skip (send the "
+                        "last mouth again, marked reused)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the returned mouth (default 95)")
+    p.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES,
+                   help=f"largest request in bytes answered normally (default {MAX_MESSAGE_BYTES})")
+    p.add_argument("--demo", action="store_true",
+                   help="also serve the synthetic avatar 'demo' with seeded UNTRAINED weights (no files needed)")
+    p.set_defaults(handler=run_serve)
+    return p
+
+
+def _split(spec: str, flag: str) -> tuple[str | None, str]:
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return None, spec
+    if not name or not path:
+        raise UsageError(f"{flag} {spec!r}: expected NAME=PATH")
+    return name, path
+
+
+def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
+    from .server import ServeConfig
+
+    avatars: dict[str, str] = {}
+    for spec in args.avatar:
+        name, path = _split(spec, "--avatar")
+        if name is None:
+            raise UsageError(f"--avatar {spec!r}: expected NAME=DIR (NAME is the model name clients send)")
+        if name in avatars:
+            raise UsageError(f"--avatar {name!r} given twice")
+        avatars[name] = path
+    generators: dict[str | None, str] = {}
+    for spec in args.generator:
+        name, path = _split(spec, "--generator")
+        if name in generators:
+            raise UsageError(f"--generator for {name or 'all avatars'} given twice")
+        generators[name] = path
+    encoder = args.audio_encoder
+    if args.demo:
+        from ..demo import UNTRAINED_NOTE, demo_checkpoints, make_avatar
+
+        if "demo" in avatars:
+            raise UsageError("--demo serves the avatar 'demo'; choose another name for your --avatar")
+        gen, enc = demo_checkpoints(tmpdir)
+        avatars["demo"] = str(make_avatar(f"{tmpdir}/avatar"))
+        generators.setdefault("demo", str(gen))
+        encoder = encoder or str(enc)
+        print(UNTRAINED_NOTE, file=sys.stderr)
+    if not encoder:
+        raise UsageError("serve needs --audio-encoder A.pth (or --demo)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be within 1..65535, got {args.port}")
+    return ServeConfig(avatars=avatars, generators=generators, audio_encoder=encoder, backend=args.backend,
+                       device=args.device, precision=args.precision, host=args.host, port=args.port,
+                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_streams=args.max_streams,
+                       max_queue=args.max_queue, policy=args.policy, jpeg_quality=args.jpeg_quality,
+                       max_message=args.max_message, options={"engines": args.engines} if args.engines else {})
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise UsageError("serve needs aiohttp: pip install 'lipsync_trt[serve]'") from None
+    from .server import run
+
+    with tempfile.TemporaryDirectory(prefix="lipsync_serve_") as tmp:
+        cfg = config_from_args(args, tmp)
+        cfg.check()
+        try:
+            run(cfg)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
+    return 0

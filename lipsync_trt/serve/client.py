@@ -1,0 +1,68 @@
+"""A minimal Python client of the streaming protocol (tests, benchmarks, scripting)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocol import CHUNK_SAMPLES, Response, Status, decode_response, encode_request
+
+
+def chunks(audio24k: np.ndarray) -> list[np.ndarray]:
+    """Split 24 kHz mono float32 audio into 960-sample chunks, the last one zero-padded."""
+    x = np.asarray(audio24k, np.float32)
+    n = -(-len(x) // CHUNK_SAMPLES)
+    x = np.pad(x, (0, n * CHUNK_SAMPLES - len(x)))
+    return [x[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES] for i in range(n)]
+
+
+@dataclass
+class StreamResult:
+    responses: list[Response] = field(default_factory=list)
+    sent_at: dict[int, float] = field(default_factory=dict)        # chunk id -> perf_counter when sent
+    received_at: list[float] = field(default_factory=list)        # per response
+
+    @property
+    def frames(self) -> list[Response]:
+        return [r for r in self.responses if r.status == Status.OK]
+
+
+async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None = None, end: bool = True,
+                 session=None, timeout: float = 600.0) -> StreamResult:
+    """Send the audio as chunks (every `pace` seconds, or as fast as possible), then end of stream; collect
+    every response until END (or, with end=False, until the socket closes or `timeout`)."""
+    import aiohttp
+
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    res = StreamResult()
+    try:
+        async with session.ws_connect(url, max_msg_size=1 << 24) as ws:
+            async def reader():
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        break
+                    r = decode_response(msg.data)
+                    res.responses.append(r)
+                    res.received_at.append(time.perf_counter())
+                    if r.status == Status.END:
+                        return
+
+            task = asyncio.ensure_future(reader())
+            t0 = time.perf_counter()
+            for i, c in enumerate(chunks(audio24k)):
+                if pace:
+                    delay = t0 + i * pace - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                res.sent_at[i] = time.perf_counter()
+                await ws.send_bytes(encode_request(model, i, c))
+            if end:
+                await ws.send_bytes(encode_request(model, len(res.sent_at), None))
+            await asyncio.wait_for(task, timeout)
+    finally:
+        if own:
+            await session.close()
+    return res

@@ -1,0 +1,208 @@
+"""Backends: availability probes, 'auto' selection, and the onnxruntime runner against the torch fp32 oracle.
+
+The probes are the real ones (no mocks of the runtimes): what they say here is checked against what this
+machine actually has (importable modules, CUDA, operating system).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lipsync_trt import backends
+from lipsync_trt.backends import coreml as coreml_backend
+from lipsync_trt.backends import tensorrt as trt_backend
+from lipsync_trt.errors import BackendError, CheckpointError
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx are not installed (pip install 'lipsync_trt[onnx]')")
+SANDERS = Path(os.environ.get("LIPSYNC_SANDERS", "/work/shared/datasets/sanders"))
+BATCH = "1:2:3"   # the same profile as test_build.py, so the session's ONNX build is shared (a cache hit)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    """Seeded random checkpoints (the same files test_build.py uses)."""
+    root = tmp_path_factory.getbasetemp() / "lipsync_ckpts"
+    try:
+        from lipsync_trt.demo import demo_checkpoints
+    except ImportError:
+        from lipsync_trt.models import AudioEncoder, Generator
+
+        root.mkdir(parents=True, exist_ok=True)
+        g, a = root / "g.pth", root / "a.pth"
+        if not g.exists():
+            torch.manual_seed(0)
+            torch.save(Generator().state_dict(), g)
+            torch.save(AudioEncoder().state_dict(), a)
+        return g, a
+    return demo_checkpoints(root)
+
+
+@pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "lipsync_engines"
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(ckpts, engines_dir) -> Path:
+    from lipsync_trt import build as B
+
+    return Path(B.build(*ckpts, target="onnx", batch=BATCH, out=engines_dir, log=None, progress=False)["dir"])
+
+
+# --------------------------------------------------------------------------------- availability / select
+
+def test_available_reports_every_backend_with_the_real_reason():
+    avail = backends.available()
+    assert list(avail) == list(backends.NAMES)
+    assert avail["torch"].usable and avail["torch"].reason == ""
+    assert avail["onnxruntime"].usable == _importable("onnxruntime")
+    if not avail["onnxruntime"].usable:
+        assert "onnxruntime is not installed" in avail["onnxruntime"].reason
+    trt_ok = _importable("tensorrt") and torch.cuda.is_available()
+    assert avail["tensorrt"].usable == trt_ok
+    if not _importable("tensorrt"):
+        assert avail["tensorrt"].reason.startswith("TensorRT is not")
+    elif not torch.cuda.is_available():
+        assert "CUDA" in avail["tensorrt"].reason
+    mac = platform.system() == "Darwin"
+    assert avail["coreml"].usable == (mac and _importable("coremltools"))
+    if not mac:
+        assert "only on macOS" in avail["coreml"].reason
+    for a in avail.values():
+        assert a.usable == (a.reason == "")
+
+
+def test_select_auto_on_cpu_prefers_onnxruntime_when_usable():
+    name, dev = backends.select("auto", "cpu")
+    assert dev.type == "cpu"
+    if platform.system() == "Darwin" and backends.available()["coreml"].usable:
+        assert name == "coreml"
+    else:
+        assert name == ("onnxruntime" if backends.available()["onnxruntime"].usable else "torch")
+
+
+def test_select_explicit_names():
+    assert backends.select("torch", "cpu") == ("torch", torch.device("cpu"))
+    avail = backends.available()
+    for name in ("tensorrt", "coreml", "onnxruntime"):
+        if avail[name].usable:
+            assert backends.select(name, "cuda" if name == "tensorrt" else "cpu")[0] == name
+        else:
+            with pytest.raises(BackendError, match="not usable here") as exc:
+                backends.select(name, "cpu")
+            assert avail[name].reason in str(exc.value)
+    with pytest.raises(BackendError, match="unknown backend"):
+        backends.select("tensorflow", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answers")
+def test_without_cuda():
+    with pytest.raises(BackendError, match="torch sees no CUDA"):
+        backends.select("auto", "cuda")
+    assert trt_backend.probe() is not None   # not installed, or no GPU: never usable without CUDA
+
+
+def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(ckpts):
+    for name, mod in (("tensorrt", trt_backend), ("coreml", coreml_backend)):
+        reason = mod.probe()
+        if reason is None:
+            continue
+        with pytest.raises(BackendError, match=f"backend '{name}' is not usable here"):
+            mod.load(*ckpts, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------- onnxruntime runner
+
+@needs_ort
+def test_onnxruntime_runner_matches_torch_fp32(ckpts, onnx_dir, engines_dir):
+    from lipsync_trt.build import real_shaped_inputs
+
+    ort_runner = backends.load("onnxruntime", *ckpts, device="cpu", engines=engines_dir)
+    torch_runner = backends.load("torch", *ckpts, device="cpu")
+    assert ort_runner.name == "onnxruntime" and ort_runner.device.type == "cpu"
+    assert ort_runner.info["generator_onnx"] == str(onnx_dir / "generator.onnx")
+    assert ort_runner.info["providers"] == ["CPUExecutionProvider"]
+    windows, images, audio = real_shaped_inputs(torch_runner.audio_encoder, 2)
+    ref = torch_runner.generate(images, audio)
+    out = ort_runner.generate(images, audio)
+    assert out.dtype == torch.float32 and out.shape == ref.shape == (2, 3, 320, 320)
+    assert float((out - ref).abs().max()) <= 1e-4
+    assert float(ref.std()) > 1e-3
+    f_ref, f_out = torch_runner.encode_audio(windows), ort_runner.encode_audio(windows)
+    assert f_out.shape == f_ref.shape == (len(windows), 512)
+    assert float((f_out - f_ref).abs().max()) <= 1e-4 * max(1.0, float(f_ref.abs().max()))
+    # batch size does not change the result
+    one = ort_runner.generate(images[1:2], audio[1:2])
+    assert float((one - out[1:2]).abs().max()) <= 1e-5
+
+
+@needs_ort
+def test_onnxruntime_threads_option_and_default(ckpts, onnx_dir, engines_dir):
+    from lipsync_trt.backends import onnxruntime as ob
+
+    assert 1 <= ob.physical_cores() <= (os.cpu_count() or 1)
+    r = ob.load(*ckpts, torch.device("cpu"), engines=engines_dir, threads=1)
+    assert r.threads == 1 and r.info["intra_op_threads"] == 1
+    assert ob.load(*ckpts, torch.device("cpu"), engines=engines_dir).threads == ob.physical_cores()
+
+
+@needs_ort
+def test_onnxruntime_uses_the_cache_folder_when_no_engines_given(ckpts, onnx_dir, engines_dir, monkeypatch):
+    from lipsync_trt.backends import onnxruntime as ob
+
+    monkeypatch.setenv("LIPSYNC_TRT_CACHE", str(engines_dir))   # where the session's build already is
+    r = ob.load(*ckpts, torch.device("cpu"))
+    assert Path(r.info["generator_onnx"]).parent == onnx_dir
+    with pytest.raises(CheckpointError, match="not found"):
+        ob.load(ckpts[0], ckpts[1].with_name("nope.pth"), torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError):
+            ob.OrtRunner(onnx_dir / "generator.onnx", onnx_dir / "audio_encoder.onnx", torch.device("cuda"))
+
+
+# ----------------------------------------------------------------------------------- end to end (sanders)
+
+def _frames_png(folder: Path) -> list[np.ndarray]:
+    import cv2
+
+    return [cv2.imread(str(p)) for p in sorted(folder.glob("*.png"))]
+
+
+@needs_ort
+@pytest.mark.skipif(not (SANDERS / "talk_hb.wav").is_file(), reason=f"real data not present at {SANDERS}")
+def test_generate_cli_onnxruntime_equals_torch_on_sanders(ckpts, onnx_dir, engines_dir, tmp_path):
+    """`python -m lipsync_trt generate --backend onnxruntime` on real frames: composited pixels within +-1 of torch."""
+    if importlib.util.find_spec("lipsync_trt.pipeline") is None:
+        pytest.skip("lipsync_trt.pipeline is not there yet")
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        frames_dir = tmp_path / backend
+        cmd = [sys.executable, "-m", "lipsync_trt", "generate", "--avatar", str(SANDERS),
+               "--audio", str(SANDERS / "talk_hb.wav"), "--generator", str(ckpts[0]),
+               "--audio-encoder", str(ckpts[1]), "--frames", "0-3", "--frames-dir", str(frames_dir),
+               "--backend", backend, "--device", "cpu", "--engines", str(engines_dir), "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"backend {backend}" in proc.stdout
+        outs[backend] = _frames_png(frames_dir)
+    assert len(outs["torch"]) == len(outs["onnxruntime"]) == 4
+    for a, b in zip(outs["torch"], outs["onnxruntime"]):
+        assert a.shape == b.shape
+        assert int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= 1

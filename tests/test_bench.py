@@ -1,0 +1,92 @@
+"""The benchmark harness: `--demo --quick` end to end in a subprocess (what CI runs), plus its pure helpers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lipsync_trt import audio as A
+from lipsync_trt import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lipsync_trt.bench", "--demo", "--quick", "--devices", "cpu",
+                           "--json", str(out / "quick.json"), "--plot", str(out / "quick.png"), "--no-progress"],
+                          capture_output=True, text=True, timeout=900, cwd=out)
+    return proc, out, time.perf_counter() - t0
+
+
+def test_demo_quick_completes_with_complete_json(quick_run):
+    proc, out, seconds = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quick.json").read_text())
+    assert bench.check_report(report) == [], bench.check_report(report)
+    keys = set(report["results"])
+    assert "baseline/cpu/fp32/b1" in keys
+    assert "torch/cpu/fp32/b1" in keys, (keys, report["skipped"])
+    for key, res in report["results"].items():
+        assert res["summary"]["e2e_memory_fps"]["median"] > 0
+        assert len(res["samples"]["e2e_memory_fps"]) == report["config"]["repeat"]
+        if not key.startswith("baseline"):
+            assert res["speedup_vs_baseline"]["e2e_memory_fps"] > 0
+            assert "e2e_memory" in res["pipeline_overhead"]
+            assert 0 < res["fraction_of_peak"]
+    m = report["machine"]
+    assert m["cpu_model"] and m["usable_cpus"] >= 1 and m["libraries"]["torch"]
+    assert report["flops"]["generator_per_frame"] > 1e9 and report["flops"]["audio_encoder_per_window"] > 1e6
+    assert report["peak_gflops"]["cpu"]["fp32"] > 0
+    assert report["targets"] and report["inputs"]["seeded_weights"]
+    print(f"bench --demo --quick: {seconds:.1f} s wall ({report['total_seconds']:.1f} s inside)")
+
+
+def test_demo_quick_prints_table_and_writes_plot(quick_run):
+    proc, out, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline/cpu/fp32/b1" in proc.stdout and "e2e mem f/s" in proc.stdout
+    pytest.importorskip("matplotlib")
+    png = out / "quick.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_against_itself(quick_run):
+    proc, out, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quick.json").read_text())
+    text, rows = bench.compare(report, report)
+    assert rows and all(abs(r["improvement"]) < 1e-9 for r in rows)
+    assert "+0.0%" in text
+
+
+def test_frames_for_samples_matches_the_recipe():
+    for n in (3000, 3199, 3200, 12345, 718147):
+        t = 1 + n // 200
+        assert bench.frames_for_samples(n) == A.num_windows(t) + 2
+    assert bench.frames_for_samples(2999) == 0
+
+
+def test_summarize_and_check_report():
+    s = bench.summarize([3.0, 1.0, 2.0])
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["n"] == 3
+    assert bench.summarize([])["n"] == 0
+    problems = bench.check_report({"results": {"x": {"samples": {"e2e_memory_fps": [0.0]}}}})
+    assert any("missing machine" in p for p in problems)
+    assert any("non-positive e2e_memory_fps" in p for p in problems)
+    assert any("no samples of generator_fps" in p for p in problems)
+
+
+def test_quick_defaults():
+    args = bench.parse_args(["--demo", "--quick"])
+    assert (args.frames, args.repeat, args.warmup) == (1, 2, 0)
+    args = bench.parse_args(["--demo"])
+    assert (args.frames, args.repeat, args.warmup) == (12, 3, 1)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--demo", "--frames", "0"])
