@@ -1,9 +1,13 @@
-"""Compositing (RECIPE §6-7) in PyTorch: crop -> 328 bicubic -> generator input, and generator output -> frame.
+"""Compositing (RECIPE §6-7): crop -> 328 bicubic -> generator input, and generator output -> frame.
 
-The bicubic resize reproduces OpenCV's INTER_CUBIC for uint8 images (half-pixel centres, a = -0.75,
-replicated edges, no antialiasing, float32 taps; measured equal to OpenCV 4.14 and 5.0 on >= 99.9% of
-pixels, the rest off by 1). It is the CPU implementation and the oracle for the GPU kernels. Frames are
-uint8 (H, W, 3) BGR tensors; boxes are (x1, y1, x2, y2) with x2/y2 exclusive, as slices.
+Three implementations of the same steps, picked by where the frames are (`impl="auto"`):
+- "triton": the fused GPU kernels of `lipsync_trt.kernels`, for CUDA tensors;
+- "opencv": cv2.resize(INTER_CUBIC) itself, the reference's own call, for CPU tensors (about 50x faster
+  than the PyTorch gathers on a CPU, and pixel-exact by construction);
+- "torch": a PyTorch bicubic that reproduces OpenCV's INTER_CUBIC for uint8 images (half-pixel centres,
+  a = -0.75, replicated edges, no antialiasing, float32 taps; equal to OpenCV 4.14 and 5.0 on >= 99.9% of
+  pixels, the rest off by 1). It runs on any device and is the oracle for the GPU kernels.
+Frames are uint8 (H, W, 3) BGR tensors; boxes are (x1, y1, x2, y2) with x2/y2 exclusive, as slices.
 """
 from __future__ import annotations
 
@@ -86,27 +90,73 @@ def prepare_one(frame: torch.Tensor, box, dtype: torch.dtype = torch.float32) ->
     return lut[both], crop328
 
 
-def _kernels(frames) -> object | None:
-    """The Triton kernels module when the frames are on a CUDA device and the kernels can run there."""
-    if not len(frames) or frames[0].device.type != "cuda" or os.environ.get("LIPSYNC_KERNELS", "1") == "0":
-        return None
-    from . import kernels
-    return kernels if kernels.available() is None else None
+IMPLS = ("auto", "triton", "opencv", "torch")
+
+
+def _impl(frames, impl: str) -> str:
+    """Resolve "auto": Triton kernels for CUDA frames (unless LIPSYNC_KERNELS=0 or Triton is unusable),
+    OpenCV for CPU frames, the PyTorch path elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"compose: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto" or not len(frames):
+        return "torch" if impl == "auto" else impl
+    device = frames[0].device.type
+    if device == "cpu":
+        return "opencv"
+    if device == "cuda" and os.environ.get("LIPSYNC_KERNELS", "1") != "0":
+        from . import kernels
+        if kernels.available() is None:
+            return "triton"
+    return "torch"
+
+
+def _cv2_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_CUBIC)
+
+
+@functools.lru_cache(maxsize=1)
+def _unit_lut_np() -> np.ndarray:
+    return (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
+
+
+def _prepare_cv2(frame: torch.Tensor, box, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prepare_one` with OpenCV's resize on a CPU frame."""
+    crop328 = _cv2_resize(crop_box(frame, box).numpy(), R.CROP_SIZE, R.CROP_SIZE)
+    o, n = R.ROI_OFFSET, R.ROI_SIZE
+    both = np.empty((6, n, n), np.float32)
+    np.take(_unit_lut_np(), crop328[o:o + n, o:o + n].transpose(2, 0, 1), out=both[:3])
+    both[3:] = both[:3]
+    mx, my, mw, mh = R.MASK_RECT
+    both[3:, my:my + mh, mx:mx + mw] = 0
+    return torch.from_numpy(both).to(dtype), torch.from_numpy(crop328)
+
+
+def _paste_cv2(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> None:
+    """`paste_one` with OpenCV's resize on a CPU frame."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    c = crop328.numpy().copy()
+    o, n = R.ROI_OFFSET, R.ROI_SIZE
+    c[o:o + n, o:o + n] = pred_u8.numpy()
+    frame.numpy()[y1:y2, x1:x2] = _cv2_resize(c, y2 - y1, x2 - x1)
 
 
 def _box_tensor(boxes, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray([[int(v) for v in b] for b in boxes], dtype=np.int32), device=device)
 
 
-def prepare(frames: list[torch.Tensor] | torch.Tensor, boxes, dtype: torch.dtype = torch.float32
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch of frames + boxes -> (B, 6, 320, 320) generator input and (B, 328, 328, 3) uint8 crops.
-    On CUDA the fused Triton kernel does it in one pass; elsewhere the PyTorch path below."""
-    k = _kernels(frames)
-    if k is not None:
+def prepare(frames: list[torch.Tensor] | torch.Tensor, boxes, dtype: torch.dtype = torch.float32,
+            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch of frames + boxes -> (B, 6, 320, 320) generator input and (B, 328, 328, 3) uint8 crops, on the
+    frames' device. On CUDA the fused Triton kernel does it in one pass; on a CPU OpenCV (see `_impl`)."""
+    impl = _impl(frames, impl)
+    if impl == "triton":
+        from . import kernels
         batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
-        return k.prepare(batch, _box_tensor(boxes, "cpu"), dtype)
-    pairs = [prepare_one(f, b, dtype) for f, b in zip(frames, boxes)]
+        return kernels.prepare(batch, _box_tensor(boxes, "cpu"), dtype)
+    one = _prepare_cv2 if impl == "opencv" else prepare_one
+    pairs = [one(f, b, dtype) for f, b in zip(frames, boxes)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -125,18 +175,20 @@ def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor,
     return frame
 
 
-def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes
-          ) -> list[torch.Tensor] | torch.Tensor:
+def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes,
+          impl: str = "auto") -> list[torch.Tensor] | torch.Tensor:
     """Composite a batch of generator outputs (B, 3, 320, 320) into the frames, in place (a stacked
-    (B, H, W, 3) tensor, or a list of frames; on CUDA through the fused Triton kernel)."""
-    k = _kernels(frames)
-    if k is not None:
+    (B, H, W, 3) tensor, or a list of frames; on CUDA through the fused Triton kernel, on a CPU OpenCV)."""
+    impl = _impl(frames, impl)
+    if impl == "triton":
+        from . import kernels
         batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
-        k.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"))
+        kernels.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"))
         return batch if isinstance(frames, torch.Tensor) else list(batch.unbind(0))
     pred_u8 = to_uint8(pred).to(crops328.device)
+    one = _paste_cv2 if impl == "opencv" else paste_one
     for i, (f, b) in enumerate(zip(frames, boxes)):
-        paste_one(f, crops328[i], pred_u8[i], b)
+        one(f, crops328[i], pred_u8[i], b)
     return frames
 
 
@@ -145,4 +197,4 @@ def mouth_crop(frame: torch.Tensor, box) -> torch.Tensor:
     return crop_box(frame, box)
 
 
-__all__ = ["resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps"]
+__all__ = ["resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "IMPLS"]

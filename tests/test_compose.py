@@ -60,10 +60,11 @@ def frames(sanders):
     return av, ids, [av.frame(i).copy() for i in ids]
 
 
-def test_prepare_matches_opencv_on_sanders(frames):
+@pytest.mark.parametrize("impl", ["torch", "opencv", "auto"])
+def test_prepare_matches_opencv_on_sanders(frames, impl):
     av, ids, imgs = frames
     boxes = [av.boxes[i] for i in ids]
-    inputs, crops = compose.prepare([torch.from_numpy(f) for f in imgs], boxes)
+    inputs, crops = compose.prepare([torch.from_numpy(f) for f in imgs], boxes, impl=impl)
     assert inputs.shape == (len(ids), 6, 320, 320) and inputs.dtype == torch.float32
     eq_total, n = 0.0, 0
     for k, (img, box) in enumerate(zip(imgs, boxes)):
@@ -76,14 +77,15 @@ def test_prepare_matches_opencv_on_sanders(frames):
         assert np.all(inputs[k, 3:, 5:310, 5:315].numpy() == 0)
 
 
-def test_paste_matches_opencv_on_sanders(frames):
+@pytest.mark.parametrize("impl", ["torch", "opencv", "auto"])
+def test_paste_matches_opencv_on_sanders(frames, impl):
     av, ids, imgs = frames
     boxes = [av.boxes[i] for i in ids]
     torch.manual_seed(0)
     pred = torch.rand(len(ids), 3, 320, 320)       # the model output, held fixed
     _, ref_crops = zip(*[cv2_prepare(img, b) for img, b in zip(imgs, boxes)])
     ours = [torch.from_numpy(f.copy()) for f in imgs]
-    compose.paste(ours, torch.from_numpy(np.stack(ref_crops)), pred, boxes)
+    compose.paste(ours, torch.from_numpy(np.stack(ref_crops)), pred, boxes, impl=impl)
     for k, (img, box) in enumerate(zip(imgs, boxes)):
         ref = cv2_paste(img, ref_crops[k], pred[k].numpy(), box)
         frac, worst = agreement(ours[k].numpy(), ref)
@@ -97,3 +99,8 @@ def test_paste_matches_opencv_on_sanders(frames):
 def test_pred_is_truncated_not_rounded():
     pred = torch.full((1, 3, 2, 2), 0.999)       # 254.745 -> 254 (numpy astype truncates)
     assert compose.to_uint8(pred).unique().tolist() == [254]
+
+
+def test_unknown_impl_is_an_error():
+    with pytest.raises(ValueError, match="unknown impl"):
+        compose.prepare([torch.zeros(8, 8, 3, dtype=torch.uint8)], [(0, 0, 4, 4)], impl="numpy")

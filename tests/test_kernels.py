@@ -51,7 +51,7 @@ def expected_inputs(crops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def check_prepare(frames, boxes, dtype, interpret):
     inputs, crops = K.prepare(frames, boxes, dtype, interpret=interpret)
-    want_in, want_crops = compose.prepare(list(frames.cpu()), [tuple(map(int, b)) for b in boxes], dtype)
+    want_in, want_crops = compose.prepare(list(frames.cpu()), [tuple(map(int, b)) for b in boxes], dtype, impl="torch")
     same = assert_u8_close(crops, want_crops, f"crop328 {dtype}")
     assert inputs.dtype == dtype and inputs.shape == (frames.shape[0], 6, 320, 320)
     # inputs are a pure function of the crop: exact, given the crop
@@ -65,7 +65,7 @@ def check_paste(frames, crops, pred, boxes, interpret):
     got = frames.clone()
     K.paste(got, crops, pred, boxes, interpret=interpret)
     want = frames.cpu().clone()
-    compose.paste(list(want), crops.cpu(), pred.cpu(), [tuple(map(int, b)) for b in boxes])
+    compose.paste(list(want), crops.cpu(), pred.cpu(), [tuple(map(int, b)) for b in boxes], impl="torch")
     return assert_u8_close(got, want, f"pasted frames {pred.dtype}")
 
 
@@ -170,7 +170,7 @@ def test_prepare_downscale_and_out():
     out = (torch.empty((2, 6, 320, 320)), torch.empty((2, 328, 328, 3), dtype=torch.uint8))
     inputs, crops = K.prepare(frames, boxes, out=out, interpret=True)
     assert inputs is out[0] and crops is out[1]
-    want_in, want_crops = compose.prepare(list(frames), boxes.tolist())
+    want_in, want_crops = compose.prepare(list(frames), boxes.tolist(), impl="torch")
     assert_u8_close(crops, want_crops, "crop328 downscale")
     assert torch.equal(inputs, expected_inputs(crops, torch.float32))
 
@@ -210,7 +210,7 @@ def test_real_frame_roundtrip(sanders):
     frame, box = _sanders_frame(sanders, 0)
     frames, boxes = frame[None], torch.tensor([box])
     same = check_prepare(frames, boxes, torch.float16, interpret=True)
-    _, crops = compose.prepare([frame], [box], torch.float16)
+    _, crops = compose.prepare([frame], [box], torch.float16, impl="torch")
     pred = compose.prepare([frame], [box])[0][:, :3] * 0.9 + 0.05     # a plausible, face-like output
     same_paste = check_paste(frames, crops, pred, boxes, interpret=True)
     print(f"sanders 0 box {box}: prepare {same:.4%}, paste {same_paste:.4%} identical")
@@ -250,7 +250,7 @@ def test_gpu_random_boxes(dtype):
     got = frames.cuda()
     K.paste(got, crops.cuda(), pred.cuda(), boxes.cuda())
     want = frames.clone()
-    compose.paste(list(want), crops, pred, boxes.tolist())
+    compose.paste(list(want), crops, pred, boxes.tolist(), impl="torch")
     assert_u8_close(got, want, "paste with GPU boxes")
 
 
@@ -261,6 +261,6 @@ def test_gpu_real_frames(sanders):
     frames = torch.stack([f for f, _ in pairs]).cuda()
     boxes = torch.tensor([b for _, b in pairs])
     check_prepare(frames, boxes, torch.float16, interpret=False)
-    _, crops = compose.prepare(list(frames.cpu()), boxes.tolist())
-    pred = compose.prepare(list(frames.cpu()), boxes.tolist())[0][:, :3].flip(2)
+    _, crops = compose.prepare(list(frames.cpu()), boxes.tolist(), impl="torch")
+    pred = compose.prepare(list(frames.cpu()), boxes.tolist(), impl="torch")[0][:, :3].flip(2)
     check_paste(frames, crops.cuda(), pred.cuda().half(), boxes, interpret=False)
