@@ -18,7 +18,7 @@ import torch
 from . import audio as A
 from . import compose
 from . import recipe as R
-from .avatar import Avatar
+from .avatar import Avatar, TemplateCache
 from .backends.base import Runner
 from .errors import OutputError, UsageError
 
@@ -38,6 +38,23 @@ class Features:
     def num_frames(self) -> int:
         """Video frames this audio makes (N + 2)."""
         return self.padded.shape[0]
+
+
+CACHE_BUDGET = 4 << 30          # bytes of device memory the template cache may take by default (CUDA only)
+CACHE_FREE_FRACTION = 0.25      # ... and at most this share of the device's free memory
+
+
+def use_template_cache(runner: Runner, avatar: Avatar, templates: int, cache: bool | None = None) -> bool:
+    """Whether iter_frames keeps decoded + prepared templates on the device: `cache` when given, else on CUDA
+    when all `templates` fit the budget. On a CPU decoding a template costs a few percent of a generator call,
+    and the whole avatar would take gigabytes of host memory, so it stays off there by default."""
+    if cache is not None:
+        return cache
+    if runner.device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(runner.device)
+    need = TemplateCache.nbytes(avatar, templates, runner.dtype)
+    return need <= min(CACHE_BUDGET, CACHE_FREE_FRACTION * free)
 
 
 def default_batch_size(runner: Runner) -> int:
@@ -124,16 +141,18 @@ class _Stage(threading.Thread):
             self._put(exc)
 
 
-def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int]
-                 ) -> list[torch.Tensor]:
+def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int],
+                 cache: TemplateCache | None = None) -> list[torch.Tensor]:
     """Synchronous single batch: template frames + feature windows -> composited frames (H, W, 3) uint8 BGR
     on the runner's device. The streaming server and tests use this; `iter_frames` overlaps the same steps."""
-    prepared = _prepare(runner, avatar, list(template_ids))
+    prepared = _prepare(runner, avatar, list(template_ids), cache)
     pred = runner.generate(prepared[1], audio_windows)
     return _paste(prepared, pred)
 
 
-def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int]):
+def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCache | None = None):
+    if cache is not None:
+        return cache.get(template_ids)
     frames = [torch.from_numpy(avatar.frame(t).copy()).to(runner.device) for t in template_ids]
     boxes = [avatar.boxes[t] for t in template_ids]
     inputs, crops = compose.prepare(frames, boxes, runner.dtype)
@@ -146,16 +165,20 @@ def _paste(prepared, pred: torch.Tensor) -> list[torch.Tensor]:
 
 
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
-                start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None
-                ) -> Iterator[tuple[int, torch.Tensor]]:
+                start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
+                cache: bool | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (video frame index, composited frame (H, W, 3) uint8 BGR torch tensor) in ascending order.
 
     Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
     three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
+    `cache`: keep decoded + prepared templates on the device (see `use_template_cache`; None = decide).
     """
     n = feats.num_frames
     indices = list(range(n)) if indices is None else indices
     order = avatar.order(n, start_frame)
+    used = len({int(order[i]) for i in indices})
+    templates = TemplateCache(avatar, runner.device, runner.dtype) if use_template_cache(
+        runner, avatar, used, cache) else None
     bs = batch_size or default_batch_size(runner)
     batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
     stats = timings if timings is not None else {}
@@ -164,7 +187,7 @@ def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[i
 
     def prep(idx: list[int]):
         t = time.perf_counter()
-        prepared = _prepare(runner, avatar, [int(order[i]) for i in idx])
+        prepared = _prepare(runner, avatar, [int(order[i]) for i in idx], templates)
         audio = A.feature_windows(feats.padded, idx).to(runner.dtype)
         stats["prepare"] += time.perf_counter() - t
         return idx, prepared, audio

@@ -1,0 +1,45 @@
+"""The template cache (decoded + prepared templates kept on the device) gives the same frames as decoding each
+video frame's template afresh, and decodes every template once."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lipsync_trt import audio as A
+from lipsync_trt import avatar as AV
+from lipsync_trt import pipeline
+
+
+def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_runner):
+    av = AV.load(sanders, cache_size=0)   # no LRU: every avatar.frame call decodes the JPEG
+    decoded = []
+    frame = av.frame
+    av.frame = lambda n: decoded.append(n) or frame(n)
+    feats = pipeline.encode_features(torch_runner, A.load_16k(sanders / "talk_hb.wav")[:16000])
+    order = av.order(feats.num_frames)
+    indices = list(range(feats.num_frames))[:6]
+    ids = [int(order[i]) for i in indices]
+    plain = dict(pipeline.iter_frames(torch_runner, av, feats, indices, batch_size=4, cache=False))
+    assert sorted(decoded) == sorted(ids)
+    decoded.clear()
+    cache = AV.TemplateCache(av, torch_runner.device, torch_runner.dtype)
+    twice = []
+    for _ in range(2):   # the same templates twice: the second pass must not decode again
+        prepared = pipeline._prepare(torch_runner, av, ids, cache)
+        pred = torch_runner.generate(prepared[1], A.feature_windows(feats.padded, indices))
+        twice.append(pipeline._paste(prepared, pred))
+    assert sorted(decoded) == sorted(set(ids))
+    for k, i in enumerate(indices):
+        assert torch.equal(twice[0][k], plain[i]) and torch.equal(twice[1][k], plain[i])
+    # the cache's own frames stay pristine (paste writes into copies)
+    for t in set(ids):
+        assert np.array_equal(cache.frames[t].numpy(), frame(t))
+    cached = dict(pipeline.iter_frames(torch_runner, av, feats, indices, batch_size=4, cache=True))
+    assert all(torch.equal(cached[i], plain[i]) for i in indices)
+
+
+def test_cache_is_off_by_default_on_cpu(sanders, torch_runner):
+    av = AV.load(sanders)
+    assert not pipeline.use_template_cache(torch_runner, av, av.count)
+    assert pipeline.use_template_cache(torch_runner, av, av.count, cache=True)
+    assert AV.TemplateCache.nbytes(av, 2, torch.float32) == 2 * (720 * 1280 * 3 + 6 * 320 * 320 * 4 + 328 * 328 * 3)
