@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ping-pong over template frames K..count-1 only (default 0)")
     g.add_argument("--crf", type=int, default=R.DEFAULT_CRF, help="H.264 quality, 0-51, lower is better (default 20)")
     g.add_argument("--codec", default="libx264", help="video encoder known to PyAV (default libx264; e.g. h264_nvenc)")
+    g.add_argument("--compile", metavar="MODE", default=None,
+                   help="torch backend only: torch.compile the generator with this mode (default, reduce-overhead = "
+                        "CUDA graphs per batch size, max-autotune); the first batches then take longer")
     g.add_argument("--demo", action="store_true",
                    help="use a built-in synthetic avatar, seeded UNTRAINED weights and a synthetic clip; "
                         "needs no files (other inputs you give override the demo's)")
@@ -100,6 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if out is None and args.frames_dir is None:
             out = Path(args.audio).stem + ".mp4"
         options = {"engines": args.engines} if args.engines else {}
+        if args.compile:
+            if args.backend != "torch":
+                raise UsageError(f"--compile needs --backend torch (got --backend {args.backend})")
+            options["compile"] = args.compile
         ls = api.load(args.avatar, args.generator, args.audio_encoder, backend=args.backend, device=args.device,
                       precision=args.precision, batch_size=args.batch_size, start_frame=args.start_frame, **options)
         summary = ls.generate(args.audio, out, frames_dir=args.frames_dir, frames=args.frames, crf=args.crf,

@@ -58,8 +58,8 @@ METRICS = {   # name -> (unit, higher is better)
 }
 SANDERS_HINT = "/work/shared/datasets/sanders"
 QUICK = {"frames": 1, "repeat": 2, "warmup": 0, "batch_sizes": [1], "audio_seconds": 1.0}
-DEFAULTS = {"frames": 12, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
-DEFAULT_BATCHES = {"cpu": [1, 4], "cuda": [1, 8, 32]}
+DEFAULTS = {"frames": 48, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
+DEFAULT_BATCHES = {"cpu": [1, 4], "cuda": [1, 8, 32, 128]}
 DEFAULT_PRECISIONS = {"cpu": ["fp32"], "cuda": ["fp32", "fp16"]}
 
 
@@ -586,8 +586,8 @@ class Bench:
         avail = backends.available()
         if args.backends:
             names = _csv(args.backends)
-            for n in names:
-                if n not in avail:
+            for n in names:   # "torch:MODE" = the torch backend with torch.compile(mode=MODE)
+                if n.split(":")[0] not in avail or (":" in n and not n.startswith("torch:")):
                     raise SystemExit(f"bench: unknown backend {n!r}; expected some of: {', '.join(avail)}")
         else:
             names = [n for n, a in avail.items() if a.usable]
@@ -610,8 +610,9 @@ class Bench:
             precs = _csv(args.precisions) or DEFAULT_PRECISIONS.get(dt, ["fp32"])
             self.configs.append(Config("baseline", str(dev), "fp32", 1))
             for name in names:
-                if not avail[name].usable:
-                    self.skipped.append({"backend": name, "device": str(dev), "reason": avail[name].reason})
+                if not avail[name.split(":")[0]].usable:
+                    self.skipped.append({"backend": name, "device": str(dev),
+                                         "reason": avail[name.split(":")[0]].reason})
                     continue
                 for prec in precs:
                     for b in batches:
@@ -635,7 +636,10 @@ class Bench:
                             runner = Baseline(self.inputs.generator, self.inputs.audio_encoder, dev)
                         else:
                             opts = {"engines": self.args.engines} if self.args.engines else {}
-                            runner = backends.load(cfg.backend, self.inputs.generator, self.inputs.audio_encoder,
+                            name, _, mode = cfg.backend.partition(":")
+                            if mode:
+                                opts["compile"] = mode
+                            runner = backends.load(name, self.inputs.generator, self.inputs.audio_encoder,
                                                    device=dev, precision=cfg.precision, **opts)
                     self.runners[rk] = runner
                     self.loads["/".join(rk)] = {"load_s": sw.seconds, "info": _jsonable(getattr(runner, "info", {}))}
@@ -1164,9 +1168,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--demo", action="store_true", help="synthetic avatar, speech and seeded weights")
     src.add_argument("--engines", help="folder of prebuilt ONNX/TensorRT artifacts passed to the backends")
     cfg = p.add_argument_group("configurations")
-    cfg.add_argument("--backends", help="comma list (default: every available one); the baseline always runs")
+    cfg.add_argument("--backends", help="comma list (default: every available one); the baseline always runs; "
+                     "torch:MODE is the torch backend with torch.compile(mode=MODE), e.g. torch:reduce-overhead "
+                     "(CUDA graphs per batch size) or torch:max-autotune")
     cfg.add_argument("--devices", help="comma list: cpu, cuda, cuda:1 (default: auto = cuda when present, else cpu)")
-    cfg.add_argument("--batch-sizes", help="comma list (default: 1,4 on a CPU, 1,8,32 on CUDA)")
+    cfg.add_argument("--batch-sizes", help="comma list (default: 1,4 on a CPU, 1,8,32,128 on CUDA)")
     cfg.add_argument("--precisions", help="comma list: fp32, fp16, bf16 (default: fp32 on a CPU, fp32,fp16 on CUDA)")
     run = p.add_argument_group("run")
     run.add_argument("--frames", type=int, help=f"the first N video frames of the audio (default {DEFAULTS['frames']})")

@@ -53,6 +53,7 @@ CASES = {
                                 r"does not exist|not a directory"),
     "bad frames": (lambda t: {"--frames": "0,9999"}, r"--frames: index 9999 is outside 0\.\.48"),
     "bad start frame": (lambda t: {"--start-frame": "7"}, r"start frame 7 leaves 1 template frame"),
+    "bad compile mode": (lambda t: {"--compile": "bogus"}, r"cannot compile with mode 'bogus'.*reduce-overhead"),
 }
 
 

@@ -29,7 +29,10 @@ class TorchRunner(Runner):
         self.generator = generator.eval().to(device=device, dtype=self.model_dtype, memory_format=torch.channels_last)
         self.audio_encoder = audio_encoder.eval().to(device)   # tiny; kept fp32 so features match the reference
         if compile:   # torch.compile mode, e.g. "max-autotune" or "reduce-overhead" (CUDA graphs per batch size)
-            self.generator = torch.compile(self.generator, mode=None if compile == "default" else compile)
+            try:
+                self.generator = torch.compile(self.generator, mode=None if compile == "default" else compile)
+            except RuntimeError as exc:   # an unknown mode: torch names the valid ones
+                raise BackendError(f"torch backend: cannot compile with mode {compile!r}: {exc}") from None
             self.info["compile"] = compile
 
     @property
