@@ -44,6 +44,7 @@ class ServeConfig:
     max_message: int = MAX_MESSAGE_BYTES
     max_gap: int = MAX_GAP_CHUNKS
     encode_threads: int = 2
+    slow_client_s: float = 5.0                 # outgoing queue over its limit this long = client too slow (1008)
     options: dict = field(default_factory=dict)   # passed to backends.load (e.g. engines)
 
     def check(self) -> None:
@@ -97,15 +98,23 @@ class Connection:
         self.current: Stream | None = None        # the stream taking audio
         self.pending: dict[int, list[bytes]] = {}
         self.closed = False
+        self.over_since: float | None = None      # when the outgoing queue last reached out_limit
 
     def send(self, msg: bytes) -> None:
+        """Queue a response. A client is too slow (closed with 1008) when its queue has stayed at or above
+        out_limit for slow_client_s: a burst (many in-order answers released at once) drains in milliseconds
+        and is not a slow client."""
         if self.closed:
             return
         if self.out.qsize() >= self.server.out_limit:
-            self.closed = True
-            self.server.stats["slow_clients"] += 1
-            asyncio.ensure_future(self.ws.close(code=1008, message=b"client too slow: responses not read"))
-            return
+            now = time.monotonic()
+            if self.over_since is None:
+                self.over_since = now
+            elif now - self.over_since > self.server.cfg.slow_client_s:
+                self.closed = True
+                self.server.stats["slow_clients"] += 1
+                asyncio.ensure_future(self.ws.close(code=1008, message=b"client too slow: responses not read"))
+                return
         self.out.put_nowait(msg)
 
     def emit(self, stream: Stream, msg: bytes) -> None:
@@ -133,6 +142,8 @@ class Connection:
             if msg is None or self.ws.closed:
                 return
             await self.ws.send_bytes(msg)
+            if self.over_since is not None and self.out.qsize() < self.server.out_limit:
+                self.over_since = None
 
     def on_message(self, data: bytes) -> None:
         srv = self.server
