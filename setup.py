@@ -33,6 +33,7 @@ setup(
             "onnxruntime>=1.18",
             "aiohttp>=3.9",
             "matplotlib>=3.7",
+            "playwright>=1.40",                            # browser-client test, with the system chromium
             "triton>=3.0; platform_system == 'Linux'",   # kernel tests run under TRITON_INTERPRET=1 on CPU
         ],
     },
