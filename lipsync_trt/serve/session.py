@@ -36,23 +36,42 @@ def new_resampler():
     return soxr.ResampleStream(STREAM_RATE, R.SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
 
 
-_COUNTS: list[np.ndarray] = [np.zeros(0, np.int64)]
+class _Counts:
+    """Cumulative 16 kHz output counts of one stream resampler fed whole chunks, extended on demand (the
+    resampler is kept, so growing the table costs only the new chunks: ~8 us each)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.resampler = None
+        self.table = np.zeros(0, np.int64)
+
+    def get(self, chunks: int) -> np.ndarray:
+        with self.lock:
+            have = len(self.table)
+            if have < chunks:
+                if self.resampler is None:
+                    self.resampler = new_resampler()
+                zeros, total = np.zeros(CHUNK_SAMPLES, np.float32), int(self.table[-1]) if have else 0
+                more = np.empty(max(chunks, 2 * have) - have, np.int64)
+                for k in range(len(more)):
+                    total += len(self.resampler.resample_chunk(zeros))
+                    more[k] = total
+                self.table = np.concatenate([self.table, more])
+            return self.table
+
+
+_COUNTS = _Counts()
 
 
 def _output_counts(chunks: int) -> np.ndarray:
-    """16 kHz samples out of the stream resampler after chunks 0..c (cumulative); independent of the content."""
-    if len(_COUNTS[0]) < chunks:
-        rs, zeros, total, out = new_resampler(), np.zeros(CHUNK_SAMPLES, np.float32), 0, []
-        for _ in range(chunks):
-            total += len(rs.resample_chunk(zeros))
-            out.append(total)
-        _COUNTS[0] = np.asarray(out, np.int64)
-    return _COUNTS[0]
+    """16 kHz samples out of the stream resampler after chunks 0..c (cumulative; at least `chunks` entries);
+    independent of the content."""
+    return _COUNTS.get(chunks)
 
 
 def ready_chunk(frame: int) -> int:
     """The chunk id whose arrival makes video frame `frame` ready mid-stream: frame + 11 or frame + 12."""
-    counts = _output_counts(max(3000, 2 * (frame + 20)))
+    counts = _output_counts(max(3000, frame + 20))
     return int(np.searchsorted(counts, samples_needed(frame)))
 
 
