@@ -58,7 +58,7 @@ METRICS = {   # name -> (unit, higher is better)
 }
 SANDERS_HINT = "/work/shared/datasets/sanders"
 QUICK = {"frames": 1, "repeat": 2, "warmup": 0, "batch_sizes": [1], "audio_seconds": 1.0}
-DEFAULTS = {"frames": 48, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
+DEFAULTS = {"frames": 32, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
 DEFAULT_BATCHES = {"cpu": [1, 4], "cuda": [1, 8, 32, 128]}
 DEFAULT_PRECISIONS = {"cpu": ["fp32"], "cuda": ["fp32", "fp16"]}
 
