@@ -84,8 +84,8 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
         print(UNTRAINED_NOTE, file=sys.stderr)
     if not encoder:
         raise UsageError("serve needs --audio-encoder A.pth (or --demo)")
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be within 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be within 0..65535 (0: any free port), got {args.port}")
     return ServeConfig(avatars=avatars, generators=generators, audio_encoder=encoder, backend=args.backend,
                        device=args.device, precision=args.precision, host=args.host, port=args.port,
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_streams=args.max_streams,
