@@ -14,7 +14,7 @@ from lipsync_trt.serve.session import ready_chunk
 
 
 def _run(chunks: int, delay: float, pace: float = 0.04, drop: set = frozenset(), status=Status.OK,
-         reused: set = frozenset(), end: bool = True) -> dict:
+         reused: set = frozenset(), end: bool = True, flush_delay: float | None = None) -> dict:
     """One stream's timings as the client records them: chunk c sent at c * pace, END right after the last chunk;
     frame i answered `delay` s after the chunk that makes it ready (or after END for the last frames)."""
     sent = [c * pace for c in range(chunks)] + [chunks * pace]
@@ -23,7 +23,7 @@ def _run(chunks: int, delay: float, pace: float = 0.04, drop: set = frozenset(),
         if i in drop:
             continue
         c = ready_chunk(i)
-        t = (sent[c] if c < chunks else sent[-1]) + delay
+        t = sent[c] + delay if c < chunks else sent[-1] + (delay if flush_delay is None else flush_delay)
         answers.append((i, status, i in reused, t))
     return {"sent": sent, "late": [0.0] * (chunks + 1), "answers": answers,
             "end": {"frame_id": chunks - 1, "t": sent[-1] + delay} if end else {}}
@@ -34,6 +34,12 @@ def test_analyse_latency_is_measured_from_the_ready_chunk():
     assert res["frames_expected"] == 78 and res["frames"]["made"] == 78
     assert res["latency_ms"]["p50"] == pytest.approx(100, abs=0.5) and res["latency_ms"]["max"] == pytest.approx(100, abs=0.5)
     assert res["keeps_up"] and res["why_not"] == [] and res["needed_fps"] == 50
+    # 29 frames per stream are ready mid-stream (ready_chunk(i) <= 39), the other 10 only at END; a slow flush
+    # at the end is reported apart and does not decide the verdict
+    assert res["latency_ms"]["n"] == 2 * 29 and res["latency_end_flush_ms"]["n"] == 2 * 10
+    slow_end = SB.analyse(1, 40, [_run(40, 0.100, flush_delay=0.900)], wall=2.0, budget_ms=150)
+    assert slow_end["latency_end_flush_ms"]["p50"] == pytest.approx(900, abs=0.5)
+    assert slow_end["latency_ms"]["max"] == pytest.approx(100, abs=0.5) and slow_end["keeps_up"]
 
 
 def test_analyse_verdicts():
