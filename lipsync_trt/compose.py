@@ -133,13 +133,13 @@ def _prepare_cv2(frame: torch.Tensor, box, dtype: torch.dtype) -> tuple[torch.Te
     return torch.from_numpy(both).to(dtype), torch.from_numpy(crop328)
 
 
-def _paste_cv2(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> None:
-    """`paste_one` with OpenCV's resize on a CPU frame."""
+def _mouth_cv2(crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
+    """`mouth_one` with OpenCV's resize (CPU tensors)."""
     x1, y1, x2, y2 = (int(v) for v in box)
     c = crop328.numpy().copy()
     o, n = R.ROI_OFFSET, R.ROI_SIZE
     c[o:o + n, o:o + n] = pred_u8.numpy()
-    frame.numpy()[y1:y2, x1:x2] = _cv2_resize(c, y2 - y1, x2 - x1)
+    return torch.from_numpy(_cv2_resize(c, y2 - y1, x2 - x1))
 
 
 def _box_tensor(boxes, device: torch.device) -> torch.Tensor:
@@ -165,14 +165,29 @@ def to_uint8(pred: torch.Tensor) -> torch.Tensor:
     return (pred.float() * 255).clamp_(0, 255).to(torch.uint8).movedim(-3, -1)
 
 
-def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
-    """Write pred into the crop's inner 320, resize back to the box, paste into frame (in place); returns frame."""
+def mouth_one(crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
+    """The box-sized region paste writes: pred in the crop's inner 320, the crop resized back to the box."""
     x1, y1, x2, y2 = (int(v) for v in box)
     c = crop328.clone()
     o, n = R.ROI_OFFSET, R.ROI_SIZE
     c[o:o + n, o:o + n] = pred_u8
-    frame[y1:y2, x1:x2] = resize_cubic(c, y2 - y1, x2 - x1)
+    return resize_cubic(c, y2 - y1, x2 - x1)
+
+
+def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
+    """Write pred into the crop's inner 320, resize back to the box, paste into frame (in place); returns frame."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    frame[y1:y2, x1:x2] = mouth_one(crop328, pred_u8, box)
     return frame
+
+
+def mouths(crops328: torch.Tensor, pred: torch.Tensor, boxes, impl: str = "auto") -> list[torch.Tensor]:
+    """For a batch of generator outputs, the box-sized regions `paste` would write (uint8 (h, w, 3) each, on the
+    crops' device): what the streaming server sends. OpenCV for CPU crops, the PyTorch path elsewhere."""
+    impl = _impl(crops328, impl)
+    one = _mouth_cv2 if impl == "opencv" else mouth_one
+    pred_u8 = to_uint8(pred).to(crops328.device)
+    return [one(crops328[i], pred_u8[i], b) for i, b in enumerate(boxes)]
 
 
 def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes,
@@ -185,16 +200,10 @@ def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pre
         batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
         kernels.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"))
         return batch if isinstance(frames, torch.Tensor) else list(batch.unbind(0))
-    pred_u8 = to_uint8(pred).to(crops328.device)
-    one = _paste_cv2 if impl == "opencv" else paste_one
-    for i, (f, b) in enumerate(zip(frames, boxes)):
-        one(f, crops328[i], pred_u8[i], b)
+    for f, b, m in zip(frames, boxes, mouths(crops328, pred, boxes, impl)):
+        x1, y1, x2, y2 = (int(v) for v in b)
+        f[y1:y2, x1:x2] = m.to(f.device)
     return frames
 
 
-def mouth_crop(frame: torch.Tensor, box) -> torch.Tensor:
-    """The box-sized region of a composited frame (what the streaming server sends)."""
-    return crop_box(frame, box)
-
-
-__all__ = ["resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "IMPLS"]
+__all__ = ["resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]

@@ -104,3 +104,19 @@ def test_pred_is_truncated_not_rounded():
 def test_unknown_impl_is_an_error():
     with pytest.raises(ValueError, match="unknown impl"):
         compose.prepare([torch.zeros(8, 8, 3, dtype=torch.uint8)], [(0, 0, 4, 4)], impl="numpy")
+
+
+@pytest.mark.parametrize("impl", ["torch", "opencv"])
+def test_mouths_are_the_pasted_regions(frames, impl):
+    """What the streaming server sends (compose.mouths) is the box region of the OpenCV-composited frame."""
+    av, ids, imgs = frames
+    boxes = [av.boxes[i] for i in ids]
+    torch.manual_seed(1)
+    pred = torch.rand(len(ids), 3, 320, 320)
+    _, ref_crops = zip(*[cv2_prepare(img, b) for img, b in zip(imgs, boxes)])
+    got = compose.mouths(torch.from_numpy(np.stack(ref_crops)), pred, boxes, impl=impl)
+    for k, (img, box) in enumerate(zip(imgs, boxes)):
+        x1, y1, x2, y2 = box
+        ref = cv2_paste(img, ref_crops[k], pred[k].numpy(), box)[y1:y2, x1:x2]
+        frac, worst = agreement(got[k].numpy(), ref)
+        assert got[k].shape == ref.shape and worst <= 1 and frac >= 0.999
