@@ -46,8 +46,10 @@ class ModelEntry:
                 return hit
         x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[template])
         crop = torch.from_numpy(np.ascontiguousarray(self.avatar.frame(template)[y1:y2, x1:x2]))
-        inputs, crop328 = compose.prepare_one(crop.to(self.runner.device), (0, 0, x2 - x1, y2 - y1), self.runner.dtype)
-        value = (inputs, crop328, (x1, y1, x2, y2))
+        # compose.prepare as the offline pipeline runs it (OpenCV on a CPU, Triton/PyTorch on CUDA)
+        inputs, crop328 = compose.prepare([crop.to(self.runner.device)], [(0, 0, x2 - x1, y2 - y1)],
+                                          self.runner.dtype)
+        value = (inputs[0], crop328[0], (x1, y1, x2, y2))
         with self._lock:
             self._cache[template] = value
             while len(self._cache) > cache_size:
@@ -56,15 +58,9 @@ class ModelEntry:
 
 
 def mouths(pred: torch.Tensor, crops328: list[torch.Tensor], boxes: list[tuple]) -> list[np.ndarray]:
-    """Generator output -> the box-sized region of each composited frame (exactly what compose.paste writes)."""
-    pred_u8 = compose.to_uint8(pred)
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
-    out = []
-    for j, (c, (x1, y1, x2, y2)) in enumerate(zip(crops328, boxes)):
-        c = c.clone()
-        c[o:o + n, o:o + n] = pred_u8[j].to(c.device)
-        out.append(compose.resize_cubic(c, y2 - y1, x2 - x1))
-    return [m.cpu().numpy() for m in out]
+    """Generator output -> the box-sized region of each composited frame (compose.mouths: what compose.paste
+    writes into the frame offline)."""
+    return [m.cpu().numpy() for m in compose.mouths(torch.stack(crops328), pred, boxes)]
 
 
 def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
