@@ -17,28 +17,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "ws://HOST:PORT/ and get each video frame's mouth region back (docs/PROTOCOL.md); the browser "
                     "client is at http://HOST:PORT/.")
     p.add_argument("--avatar", action="append", default=[], metavar="NAME=DIR",
-                   help="an avatar folder served under NAME (the model name clients send); repeat for several")
+                   help="an avatar folder (full_body_img/N.jpg + landmarks/N.lms) served under NAME, the model "
+                        "name clients send; NAME is 1-64 letters, digits, '_', '.', '-'. Repeat for several")
     p.add_argument("--generator", action="append", default=[], metavar="[NAME=]G.pth",
                    help="generator checkpoint for avatar NAME, or a bare path for every avatar without its own")
-    p.add_argument("--audio-encoder", metavar="A.pth", help="the audio encoder checkpoint (shared by all avatars)")
+    p.add_argument("--audio-encoder", metavar="A.pth",
+                   help="the audio encoder checkpoint (audio_visual_encoder.pth), shared by all avatars")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8084, help="port (default 8084)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"])
+    p.add_argument("--port", type=int, default=8084, help="port (default 8084; 0 = any free port, printed at start)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"],
+                   help="runtime (default auto: TensorRT on CUDA, else torch on CUDA, else Core ML on macOS, else "
+                        "ONNX Runtime when installed, else torch); `python -m lipsync_trt info` lists what is usable")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--engines", metavar="DIR", default=None, help="folder of built engines/ONNX")
-    p.add_argument("--max-batch", type=int, default=8, help="most frames per generator call (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="model precision (fp16/bf16 need CUDA or an fp16 engine; default fp32)")
+    p.add_argument("--engines", metavar="DIR", default=None,
+                   help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
+                        "TensorRT, the cache folder for ONNX Runtime; built there when missing)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="most frames per generator call, taken across all streams that share a generator (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
                    help="longest a ready frame waits for a fuller batch (default 10 ms)")
-    p.add_argument("--max-streams", type=int, default=64, help="concurrent streams before OVERLOADED (default 64)")
-    p.add_argument("--max-queue", type=int, default=50,
-                   help="frames in flight per stream before the overload policy applies (default 50 = 2 s)")
+    p.add_argument("--max-streams", type=int, default=64, metavar="N",
+                   help="concurrent streams on the whole server; a new stream beyond it is answered OVERLOADED "
+                        "(default 64)")
+    p.add_argument("--max-queue", type=int, default=50, metavar="N",
+                   help="frames of one stream in flight (queued or being made) before the overload policy applies "
+                        "to its next frames (default 50 = 2 s of video)")
     p.add_argument("--policy", default="reject", choices=POLICIES,
                    help="when a stream's queue is full: reject (answer OVERLOADED for the frame) or skip (send the "
                         "last mouth again, marked reused)")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the returned mouth (default 95)")
-    p.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES,
-                   help=f"largest request in bytes answered normally (default {MAX_MESSAGE_BYTES})")
+    p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality 1-100 of the returned mouth (default 95)")
+    p.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES, metavar="BYTES",
+                   help=f"largest request answered normally; larger ones get MALFORMED (default {MAX_MESSAGE_BYTES}; "
+                        "WebSocket messages over 1 MiB close the connection)")
     p.add_argument("--demo", action="store_true",
                    help="also serve the synthetic avatar 'demo' with seeded UNTRAINED weights (no files needed)")
     p.set_defaults(handler=run_serve)
