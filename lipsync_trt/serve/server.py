@@ -5,7 +5,6 @@ and /stats. Model names are keys of the registry built at start-up, never paths.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import threading
 import time
@@ -17,7 +16,7 @@ import numpy as np
 from .. import recipe as R
 from ..errors import AudioError, UsageError
 from .protocol import (MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError, Status,
-                       decode_request, encode_response, error_response)
+                       decode_request, error_response)
 from .scheduler import POLICIES, ModelEntry, Scheduler
 from .session import END, Stream, ready_chunk
 
