@@ -133,9 +133,9 @@ def _config(entries, checkpoints, **kw) -> ServeConfig:
 @pytest.fixture(scope="module")
 def server(entries, live_checkpoints, runner):
     # the clients here send faster than real time and a CPU makes frames slower than it: a queue bound above any
-    # stream's length keeps the overload policy out of the correctness tests (it has its own tests below)
-    srv = ServerThread(_config(entries, live_checkpoints, max_batch=8, max_wait_ms=5, max_queue=10_000), entries,
-                       runner)
+    # stream's length and no deadline keep the overload policy out of the correctness tests (it has its own tests)
+    srv = ServerThread(_config(entries, live_checkpoints, max_batch=8, max_wait_ms=5, max_queue=10_000,
+                               max_delay_ms=0), entries, runner)
     yield srv
     srv.stop()
 
@@ -537,8 +537,9 @@ def test_wrong_sample_count_mid_stream_leaves_the_stream_intact(server, demo, or
 # ------------------------------------------------------------------------------------------------ overload
 
 def _overload_run(entries, live_checkpoints, runner, policy: str, audio: np.ndarray, pace: float, max_queue: int = 2):
+    """The queue bound alone (no deadline: its own test below)."""
     srv = ServerThread(_config(entries, live_checkpoints, max_batch=4, max_wait_ms=5, max_queue=max_queue,
-                               policy=policy), entries, runner)
+                               max_delay_ms=0, policy=policy), entries, runner)
     try:
         res = run(C.stream(srv.ws_url, "demo", audio, pace=pace))
         stats = dict(srv.server.stats)
@@ -630,6 +631,78 @@ def test_a_burst_of_answers_is_not_a_slow_client(entries, live_checkpoints, runn
     assert stats.get("slow_clients", 0) == 0
     assert [r.frame_id for r in res.responses] == list(range(n + 1)) and res.responses[-1].status == Status.END
     assert sum(r.status == Status.OVERLOADED for r in res.responses) > 4 * 1 + 64
+
+
+class SlowRunner:
+    """A device that is behind, at a known pace: a "generator" that takes `seconds` per call whatever the batch (a
+    sleep: the pace does not depend on this machine's load) and returns the input image, so that with max_batch B
+    it makes at most B / seconds frames per second; and an "audio encoder" that costs next to nothing (the first
+    512 mel values of each window). For timing tests: the mouths mean nothing."""
+
+    def __init__(self, inner, seconds: float):
+        self.seconds = seconds
+        self.name, self.device, self.precision, self.dtype = "slow", inner.device, inner.precision, inner.dtype
+
+    def encode_audio(self, windows):
+        return windows.reshape(len(windows), -1)[:, :512].float()
+
+    def generate(self, images, audio):
+        time.sleep(self.seconds)
+        return images[:, :3].clone()
+
+
+@pytest.mark.parametrize("policy", ["reject", "skip"])
+def test_deadline_bounds_latency_across_streams(entries, live_checkpoints, runner, policy):
+    """--max-delay-ms bounds the wait in time whatever the number of streams. 4 streams of 49 frames sent at 4x real
+    time (~200 frames ready within ~0.5 s) to a device making 40 frames/s (batches of 4 in 0.1 s), with a queue
+    bound (50) that none of them reaches: without a deadline the last frames would wait for the whole backlog
+    (~5 s). With a 300 ms deadline every frame that is made (status 0, not reused) comes back within the deadline
+    plus one batch (plus a margin for JPEG, WebSocket and this process's threads), the frames past it get the
+    policy (reject: OVERLOADED saying so; skip: the last mouth, marked reused), and every frame id is answered
+    exactly once, in order."""
+    import aiohttp
+
+    k, n_chunks, pace, batch_s, deadline = 4, 50, 0.010, 0.100, 0.300
+    device = SlowRunner(runner, batch_s)
+    slow = {"demo": ModelEntry("demo", entries["demo"].avatar, device)}
+    audios = [padded(speech24(n_chunks * 0.04, seed=200 + j)) for j in range(k)]
+    srv = ServerThread(_config(slow, live_checkpoints, max_batch=4, max_wait_ms=5, max_queue=50,
+                               max_delay_ms=1000 * deadline, policy=policy), slow, device)
+
+    async def all_streams():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*[C.stream(srv.ws_url, "demo", a, pace=pace, session=session, timeout=60)
+                                          for a in audios])
+
+    try:
+        results = run(all_streams())
+        stats = dict(srv.server.stats)
+    finally:
+        srv.stop()
+    n = A.num_windows(1 + len(audios[0]) * 2 // 3 // 200) + 2
+    ages, made, dropped = [], 0, 0
+    for res in results:
+        assert [r.frame_id for r in res.responses] == list(range(n + 1)) and res.responses[-1].status == Status.END
+        last = None
+        for r, age in zip(res.responses[:-1], _latencies(res, n_chunks)):
+            if r.status == Status.OK and not r.reused:
+                made += 1
+                ages.append(age)
+                last = r
+                continue
+            dropped += 1
+            if policy == "reject":
+                assert r.status == Status.OVERLOADED and "ms limit" in r.error, (r.frame_id, r.status, r.error)
+            elif last is None:            # skip, before this stream's first mouth: nothing to reuse
+                assert r.status == Status.OVERLOADED and "no earlier mouth" in r.error, (r.frame_id, r.error)
+            else:                         # skip: the last mouth made before it again, marked reused
+                assert r.status == Status.OK and r.reused and (r.jpeg, r.box) == (last.jpeg, last.box), r.frame_id
+    # a batch takes batch_s plus its mouth compositing (~0.03 s here); the margin covers that, the JPEGs, the
+    # WebSocket and the threads of this process (server and clients) sharing the interpreter
+    margin = 0.25
+    assert max(ages) < deadline + batch_s + margin, (max(ages), sorted(ages)[-10:])
+    assert made >= 8, made
+    assert stats["late"] == dropped and dropped >= k * n // 3, (stats, dropped)   # the deadline acted, not the queue
 
 
 def test_max_streams_answers_overloaded_then_frees_the_slot(entries, live_checkpoints, runner):

@@ -25,9 +25,11 @@ pytest.importorskip("aiohttp")
 def server(demo):
     from lipsync_trt.serve.server import ServeConfig, ServerThread
 
+    # this CPU is slower than real time: no deadline (--max-delay-ms 0), so that the microphone test sees a few
+    # seconds of frames (until 50 are queued) before the first OVERLOADED, which the page reports as an error
     cfg = ServeConfig(avatars={"demo": str(demo["avatar"])}, generators={None: str(demo["generator"])},
                       audio_encoder=str(demo["audio_encoder"]), backend="torch", device="cpu", port=0,
-                      max_batch=2, max_queue=50, policy="reject")
+                      max_batch=2, max_queue=50, max_delay_ms=0, policy="reject")
     srv = ServerThread(cfg)
     yield srv
     srv.stop()

@@ -295,6 +295,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     srv.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: the server's, 8)")
     srv.add_argument("--max-wait-ms", type=float, default=None, help="server --max-wait-ms (default 10)")
     srv.add_argument("--max-queue", type=int, default=None, help="server --max-queue (default 50)")
+    srv.add_argument("--max-delay-ms", type=float, default=None, help="server --max-delay-ms (default 1000; 0 = none)")
     srv.add_argument("--policy", default=None, choices=["reject", "skip"], help="server --policy (default reject)")
     run = p.add_argument_group("run")
     run.add_argument("--duration", type=float, default=10.0, help="seconds of audio per stream (default 10)")
@@ -336,7 +337,7 @@ def server_command(args, tmp: Path, max_k: int) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "lipsync_trt", "serve", "--host", "127.0.0.1", "--port", "0",
            "--backend", args.backend, "--device", args.device, "--precision", args.precision,
            "--max-streams", str(max(64, max_k + 1))]
-    for flag in ("max_batch", "max_wait_ms", "max_queue", "policy"):
+    for flag in ("max_batch", "max_wait_ms", "max_queue", "max_delay_ms", "policy"):
         v = getattr(args, flag)
         if v is not None:
             cmd += ["--" + flag.replace("_", "-"), str(v)]

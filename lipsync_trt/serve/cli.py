@@ -44,9 +44,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=50, metavar="N",
                    help="frames of one stream in flight (queued or being made) before the overload policy applies "
                         "to its next frames (default 50 = 2 s of video)")
+    p.add_argument("--max-delay-ms", type=float, default=1000.0, metavar="MS",
+                   help="deadline of a frame, counted from the arrival of the last chunk it needs (so on top of the "
+                        "algorithmic delay): a frame that has waited longer when the scheduler takes it is not "
+                        "generated but gets the overload policy. Bounds the wait in time whatever the number of "
+                        "streams (--max-queue alone allows streams x max-queue frames). Default 1000; 0 = none")
     p.add_argument("--policy", default="reject", choices=POLICIES,
-                   help="when a stream's queue is full: reject (answer OVERLOADED for the frame) or skip (send the "
-                        "last mouth again, marked reused)")
+                   help="when a stream's queue is full or a frame is past --max-delay-ms: reject (answer OVERLOADED "
+                        "for the frame) or skip (send the last mouth again, marked reused)")
     p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
                    help="JPEG quality 1-100 of the returned mouth (default 95)")
     p.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES, metavar="BYTES",
@@ -102,8 +107,9 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
     return ServeConfig(avatars=avatars, generators=generators, audio_encoder=encoder, backend=args.backend,
                        device=args.device, precision=args.precision, host=args.host, port=args.port,
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_streams=args.max_streams,
-                       max_queue=args.max_queue, policy=args.policy, jpeg_quality=args.jpeg_quality,
-                       max_message=args.max_message, options={"engines": args.engines} if args.engines else {})
+                       max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, policy=args.policy,
+                       jpeg_quality=args.jpeg_quality, max_message=args.max_message,
+                       options={"engines": args.engines} if args.engines else {})
 
 
 def run_serve(args: argparse.Namespace) -> int:

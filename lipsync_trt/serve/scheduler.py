@@ -1,7 +1,9 @@
 """Batching across streams: one model worker thread runs the audio encoder and the generators in batches
 (max batch, max wait), a small thread pool turns mouths into JPEG + ZIP, and results go back to each
 stream's event-loop delivery. Back-pressure: a stream with `max_queue` frames in flight gets its new frames
-answered OVERLOADED (policy 'reject') or with the last mouth again (policy 'skip'), never an unbounded queue.
+answered OVERLOADED (policy 'reject') or with the last mouth again (policy 'skip'), never an unbounded queue; and
+a frame that has waited longer than `max_delay` since its last chunk arrived is answered the same way instead of
+being generated, so the wait stays bounded in time however many streams share the device.
 """
 from __future__ import annotations
 
@@ -78,15 +80,18 @@ class _GenJob:
     frame_id: int
     template: int
     audio: torch.Tensor
-    t_ready: float
+    t_ready: float       # when it was queued for the generator (features encoded): the batching clock
+    t_arrived: float     # when the chunk that made it ready was submitted: the deadline's clock
 
 
 class Scheduler:
     def __init__(self, encoder: Runner, max_batch: int = 8, max_wait: float = 0.010, max_queue: int = 50,
-                 policy: str = "reject", jpeg_quality: int = 95, encode_threads: int = 2, cache_size: int = 128):
+                 policy: str = "reject", jpeg_quality: int = 95, encode_threads: int = 2, cache_size: int = 128,
+                 max_delay: float | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
         self.encoder, self.max_batch, self.max_wait = encoder, max(1, max_batch), max(0.0, max_wait)
+        self.max_delay = max_delay if max_delay and max_delay > 0 else None   # seconds; None: no deadline
         self.max_queue, self.policy, self.jpeg_quality, self.cache_size = max(1, max_queue), policy, jpeg_quality, cache_size
         self._cond = threading.Condition()
         self._enc: collections.deque = collections.deque()
@@ -111,7 +116,7 @@ class Scheduler:
     def submit(self, stream: Stream, first: int, windows: torch.Tensor, n_windows: int | None = None) -> None:
         """New encoder windows of a stream (in order), and N when the stream has ended. Any thread."""
         with self._cond:
-            self._enc.append((stream, first, windows, n_windows))
+            self._enc.append((stream, first, windows, n_windows, time.perf_counter()))
             self._cond.notify_all()
 
     def queued(self) -> int:
@@ -128,19 +133,53 @@ class Scheduler:
                     return
                 enc = list(self._enc)
                 self._enc.clear()
-                batch = self._take_batch() if self._gen else None
-                if not enc and batch is None:   # wait for more frames, at most until the oldest is max_wait old
-                    wait = self._gen[0].t_ready + self.max_wait - time.perf_counter()
-                    if wait > 0:
-                        self._cond.wait(wait)
-                    continue
+            # encode first: the frames it makes ready can join this batch, and no encoding runs between the
+            # deadline check below and the generator
             try:
                 if enc:
                     self._encode(enc)
-                if batch:
-                    self._generate(batch)
             except Exception:   # never let the worker die; the affected frames were answered INTERNAL
                 traceback.print_exc()
+            with self._cond:
+                late = self._take_late()
+                batch = self._take_batch() if self._gen else None
+                if not late and batch is None:
+                    # wait for more frames, at most until the oldest is max_wait old
+                    if self._gen and not self._enc and not self._stop:
+                        wait = self._gen[0].t_ready + self.max_wait - time.perf_counter()
+                        if wait > 0:
+                            self._cond.wait(wait)
+                    continue
+            try:
+                if late:
+                    self._answer_late(late)
+                if batch:
+                    self._generate(batch)
+            except Exception:
+                traceback.print_exc()
+
+    def _take_late(self) -> list[_GenJob]:
+        """Under the lock: the queued frames older than max_delay (counted from their last chunk's arrival), taken
+        out of the queue. The queue is in arrival order (batches are taken out of it in order), so they are a
+        prefix of it."""
+        late: list[_GenJob] = []
+        if self.max_delay is None:
+            return late
+        limit = time.perf_counter() - self.max_delay
+        while self._gen and self._gen[0].t_arrived < limit:
+            late.append(self._gen.popleft())
+        return late
+
+    def _answer_late(self, late: list[_GenJob]) -> None:
+        """Frames past the deadline are not generated: answered by the overload policy, as a full queue is."""
+        now = time.perf_counter()
+        for j in late:
+            with j.stream.lock:
+                j.stream.inflight -= 1
+            self.stats["late"] += 1
+            if not j.stream.closed:
+                self._overloaded(j.stream, j.frame_id, f"frame {j.frame_id} waited {1000 * (now - j.t_arrived):.0f} "
+                                 f"ms for the generator, over the {1000 * self.max_delay:.0f} ms limit")
 
     def _take_batch(self) -> list[_GenJob] | None:
         head = self._gen[0]
@@ -169,7 +208,7 @@ class Scheduler:
             raise
         pos, now = 0, time.perf_counter()
         ready: list[_GenJob] = []
-        for stream, first, w, n in live:
+        for stream, first, w, n, t_arrived in live:
             f = feats[pos:pos + len(w)]
             pos += len(w)
             try:
@@ -178,28 +217,34 @@ class Scheduler:
                 self._fail_stream(stream, f"stream state: {exc}")
                 continue
             for i, template, audio in frames:
-                ready.append(self._admit(stream, i, template, audio, now))
+                ready.append(self._admit(stream, i, template, audio, now, t_arrived))
             if n is not None:
                 stream.post(stream.back.frames_total, (END, encode_response(Status.END, stream.back.frames_total),
                                                        None, None))
         with self._cond:
             self._gen.extend(j for j in ready if j is not None)
 
-    def _admit(self, stream: Stream, i: int, template: int, audio: torch.Tensor, now: float) -> _GenJob | None:
+    def _admit(self, stream: Stream, i: int, template: int, audio: torch.Tensor, now: float, t_arrived: float
+               ) -> _GenJob | None:
         with stream.lock:
             full = stream.inflight >= self.max_queue
             if not full:
                 stream.inflight += 1
         if not full:
-            return _GenJob(stream, i, template, audio, now)
+            return _GenJob(stream, i, template, audio, now, t_arrived)
+        self._overloaded(stream, i, f"{self.max_queue} frames of this stream are already queued")
+        return None
+
+    def _overloaded(self, stream: Stream, i: int, reason: str) -> None:
+        """Answer frame i without generating it, per the policy: skip -> the last mouth again (marked reused),
+        reject -> OVERLOADED with the reason. (Delivered in frame order like every answer.)"""
         if self.policy == "skip":
             self.stats["reused"] += 1
             stream.post(i, (REUSE, None, None, None))
         else:
             self.stats["overloaded"] += 1
-            stream.post(i, (ERROR, error_response(Status.OVERLOADED, i, f"server overloaded: {self.max_queue} frames "
-                                                  "of this stream are already queued (policy reject)"), None, None))
-        return None
+            stream.post(i, (ERROR, error_response(Status.OVERLOADED, i, f"server overloaded: {reason} (policy reject)"),
+                            None, None))
 
     def _generate(self, batch: list[_GenJob]) -> None:
         batch = [j for j in batch if not j.stream.closed]

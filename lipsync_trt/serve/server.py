@@ -38,6 +38,8 @@ class ServeConfig:
     max_wait_ms: float = 10.0
     max_streams: int = 64
     max_queue: int = 50                        # frames in flight per stream before the overload policy applies
+    max_delay_ms: float = 1000.0               # a frame not started this long after its last chunk arrived gets
+                                               # the overload policy instead of the generator; 0 = no deadline
     policy: str = "reject"
     jpeg_quality: int = 95
     max_message: int = MAX_MESSAGE_BYTES
@@ -66,6 +68,8 @@ class ServeConfig:
                 raise UsageError(f"--{key.replace('_', '-')} must be at least {lo}")
         if self.max_wait_ms < 0:
             raise UsageError("--max-wait-ms must not be negative")
+        if not self.max_delay_ms >= 0:
+            raise UsageError("--max-delay-ms must not be negative (0: no deadline)")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError("--jpeg-quality must be within 1..100")
 
@@ -211,7 +215,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, entries: dict[str, ModelEntry], encoder):
         self.cfg, self.entries = cfg, entries
         self.scheduler = Scheduler(encoder, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, cfg.policy,
-                                   cfg.jpeg_quality, cfg.encode_threads)
+                                   cfg.jpeg_quality, cfg.encode_threads, max_delay=cfg.max_delay_ms / 1000)
         self.active: set[Stream] = set()
         self.stats = self.scheduler.stats
         self.out_limit = 4 * cfg.max_queue + 64
