@@ -705,6 +705,34 @@ def test_deadline_bounds_latency_across_streams(entries, live_checkpoints, runne
     assert stats["late"] == dropped and dropped >= k * n // 3, (stats, dropped)   # the deadline acted, not the queue
 
 
+def test_stop_closes_open_websockets_with_1001(entries, live_checkpoints, runner):
+    """Stopping the server while a client is connected (mid-stream) closes its WebSocket with 1001 (going away) at
+    once; the server used to wait for aiohttp's shutdown timeout (~45-60 s) with a client connected."""
+    import aiohttp
+
+    srv = ServerThread(_config(entries, live_checkpoints), entries, runner)
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(srv.ws_url) as ws:
+                await ws.send_bytes(P.encode_request("demo", 0, GOOD_AUDIO))      # a stream is open
+                await asyncio.sleep(0.2)
+                t = time.perf_counter()
+                stopping = asyncio.get_running_loop().run_in_executor(None, srv.stop)
+                msg = await asyncio.wait_for(ws.receive(), 30)
+                await asyncio.wait_for(stopping, 30)
+                return msg, ws.close_code, time.perf_counter() - t
+
+    try:
+        msg, code, took = run(main())
+    finally:
+        srv.stop()
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING), msg
+    assert code == 1001, (msg, code)
+    assert took < 5, took
+    assert not srv.thread.is_alive()
+
+
 def test_max_streams_answers_overloaded_then_frees_the_slot(entries, live_checkpoints, runner):
     """With --max-streams 1 a second stream's first chunk is OVERLOADED until the first stream has ended."""
     import aiohttp

@@ -217,6 +217,7 @@ class Server:
         self.scheduler = Scheduler(encoder, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, cfg.policy,
                                    cfg.jpeg_quality, cfg.encode_threads, max_delay=cfg.max_delay_ms / 1000)
         self.active: set[Stream] = set()
+        self.sockets: set = set()                 # open WebSockets, closed with 1001 (going away) at shutdown
         self.stats = self.scheduler.stats
         self.out_limit = 4 * cfg.max_queue + 64
         self.started = time.time()
@@ -239,6 +240,11 @@ class Server:
         self.scheduler.start()
 
     async def _shutdown(self, _app) -> None:
+        # without this the handlers of connected clients would keep aiohttp's shutdown waiting for its timeout
+        from aiohttp import WSCloseCode
+
+        await asyncio.gather(*[ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                               for ws in list(self.sockets)], return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
 
     async def root(self, request):
@@ -256,6 +262,7 @@ class Server:
         conn = Connection(self, ws)
         writer = asyncio.ensure_future(conn.writer())
         self.stats["connections"] += 1
+        self.sockets.add(ws)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
@@ -272,6 +279,7 @@ class Server:
                 if conn.closed:
                     break
         finally:
+            self.sockets.discard(ws)
             conn.close()
             try:
                 await asyncio.wait_for(writer, timeout=5)
