@@ -46,6 +46,7 @@ class LipSync:
     def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
                  rate: int | None = None, frames_dir: str | os.PathLike | None = None,
                  frames: str | list[int] | None = None, crf: int = R.DEFAULT_CRF, codec: str = "libx264",
+                 preset: str = R.DEFAULT_PRESET,
                  progress: bool = False) -> pipeline.Summary:
         """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary."""
         if isinstance(audio, (str, os.PathLike)):
@@ -56,7 +57,7 @@ class LipSync:
             samples, source = np.asarray(audio, dtype=np.float32), "audio array"
         return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
                                  frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
-                                 crf=crf, codec=codec, progress=progress, source=source)
+                                 crf=crf, codec=codec, preset=preset, progress=progress, source=source)
 
 
 def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarray:

@@ -1226,7 +1226,7 @@ def main(argv=None) -> int:
         from . import backends, pipeline
         for dev in bench.devices:
             name, d = backends.select("auto", dev, args.engines)
-            defaults[str(dev)] = {"backend": name, "batch": 32 if d.type == "cuda" else 4}
+            defaults[str(dev)] = {"backend": name, "batch": pipeline.default_batch_size(d)}
         del pipeline
         agree = {}
         for key, frame in bench._last_frames.items():

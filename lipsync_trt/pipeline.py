@@ -57,9 +57,11 @@ def use_template_cache(runner: Runner, avatar: Avatar, templates: int, cache: bo
     return need <= min(CACHE_BUDGET, CACHE_FREE_FRACTION * free)
 
 
-def default_batch_size(runner: Runner) -> int:
-    """A batch that keeps the device busy without hurting latency: 4 on a CPU, 32 on a GPU."""
-    return 32 if runner.device.type == "cuda" else 4
+def default_batch_size(runner: Runner | torch.device) -> int:
+    """32 on a GPU (fills it); 1 on a CPU, where larger batches only spill the caches: measured on a 2-core
+    x86-64, batch 1 beats batch 4 for both ONNX Runtime and eager torch (docs/BENCHMARKS.md)."""
+    device = runner.device if isinstance(runner, Runner) else torch.device(runner)
+    return 32 if device.type == "cuda" else 1
 
 
 def encode_features(runner: Runner, wav16k: np.ndarray, batch: int = ENCODER_BATCH) -> Features:
@@ -261,6 +263,7 @@ def audio_span(indices: list[int], samples: np.ndarray, rate: int) -> np.ndarray
 def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out: str | os.PathLike | None = None,
              frames_dir: str | os.PathLike | None = None, frames: str | list[int] | None = None,
              start_frame: int = 0, batch_size: int | None = None, crf: int = R.DEFAULT_CRF,
+             preset: str = R.DEFAULT_PRESET,
              codec: str = "libx264", progress: bool = True, source: str = "audio") -> Summary:
     """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs."""
     from tqdm import tqdm
@@ -290,7 +293,8 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
     track = samples if whole else audio_span(indices, samples, rate)
     bs = batch_size or default_batch_size(runner)
     timings: dict = {}
-    writer = (VideoWriter(out, avatar.width, avatar.height, audio=track, audio_rate=rate, crf=crf, codec=codec)
+    writer = (VideoWriter(out, avatar.width, avatar.height, audio=track, audio_rate=rate, crf=crf, codec=codec,
+                          preset=preset)
               if out is not None else contextlib.nullcontext())
     with writer, tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar:
         for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings):

@@ -45,4 +45,7 @@ GENERATOR_IN_CHANNELS = 6
 BN_EPS = 1e-5
 
 # video defaults
-DEFAULT_CRF = 20
+DEFAULT_CRF = 20             # the reference's ffmpeg -crf 20
+REFERENCE_PRESET = "medium"  # ffmpeg's default x264 preset, what the reference encodes with
+DEFAULT_PRESET = "veryfast"  # ours: ~3x less encode time than medium on a 2-core CPU at a similar size (docs/BENCHMARKS.md)
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")

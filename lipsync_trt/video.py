@@ -30,11 +30,14 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, audio: np.ndarray | None = None,
                  audio_rate: int = R.SAMPLE_RATE, fps: int = int(R.FPS), crf: int = R.DEFAULT_CRF,
-                 codec: str = "libx264", threads: int = 0):
+                 codec: str = "libx264", threads: int = 0, preset: str = R.DEFAULT_PRESET):
         self.path = check_writable(path)
         if width % 2 or height % 2:
             raise OutputError(f"{self.path}: H.264 yuv420p needs even frame sizes, the avatar is {width}x{height}")
         self.width, self.height, self.fps, self.crf, self.codec, self.threads = width, height, fps, crf, codec, threads
+        if preset not in R.X264_PRESETS:
+            raise OutputError(f"unknown x264 preset {preset!r}; expected one of {', '.join(R.X264_PRESETS)}")
+        self.preset = preset
         self.audio, self.audio_rate = audio, audio_rate
         self.frames = 0
         self._container = None
@@ -56,7 +59,7 @@ class VideoWriter:
                 raise OutputError(f"video codec {self.codec!r} is not available in this PyAV/FFmpeg ({exc})") from None
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
             if self.codec == "libx264":
-                vs.options = {"crf": str(self.crf), "preset": "medium"}
+                vs.options = {"crf": str(self.crf), "preset": self.preset}
             vs.thread_count = self.threads
             self._video = vs
             if self.audio is not None and len(self.audio):

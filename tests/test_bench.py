@@ -87,6 +87,6 @@ def test_quick_defaults():
     args = bench.parse_args(["--demo", "--quick"])
     assert (args.frames, args.repeat, args.warmup) == (1, 2, 0)
     args = bench.parse_args(["--demo"])
-    assert (args.frames, args.repeat, args.warmup) == (12, 3, 1)
+    assert (args.frames, args.repeat, args.warmup) == (32, 3, 1)
     with pytest.raises(SystemExit):
         bench.parse_args(["--demo", "--frames", "0"])
