@@ -506,6 +506,24 @@ def test_unknown_models_and_names_are_never_paths(server, demo):
     assert all(s == 404 for p, s in http.items() if p not in ("avatar/demo/meta.json", "avatar/demo/frame/0.jpg")), http
 
 
+def test_meta_json_gives_the_ready_chunk_rule_for_every_frame(server):
+    """meta.json: one period of ready_chunk offsets and the period; the rule it states gives ready_chunk(i) for any
+    frame i (it used to list frames 0-63 only)."""
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.url + "avatar/demo/meta.json") as r:
+                return await r.json()
+
+    meta = run(main())
+    period, offs = meta["ready_chunk_period"], meta["ready_chunk_offsets"]
+    assert period and len(offs) == period and set(offs) == {11, 12}
+    assert "i % ready_chunk_period" in meta["ready_chunk_note"]
+    for i in list(range(3 * period)) + [12345, 54321]:
+        assert i + offs[i % period] == ready_chunk(i), i
+
+
 def test_wrong_sample_count_mid_stream_leaves_the_stream_intact(server, demo, oracle):
     """A chunk with 959 / 961 / 480 / 1920 samples is answered WRONG_SAMPLE_COUNT (frame id echoed) and dropped;
     resent correctly, the stream's frames still equal the offline result of the good audio."""

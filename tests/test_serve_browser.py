@@ -85,6 +85,11 @@ def test_page_served_with_its_assets(server, page):
     # idle: the avatar's own frames are drawn (not a blank canvas)
     page.wait_for_function("() => lipsyncState.framesDrawn > 5", timeout=10000)
     assert canvas_pixels(page).std() > 5
+    # the page knows when each frame can be made, for any frame (meta.json's periodic rule), as the server does
+    from lipsync_trt.serve.session import ready_chunk
+
+    frames = [0, 4, 63, 64, 500, 1834, 1835, 1839, 12345]
+    assert page.evaluate(f"() => {frames}.map((i) => lipsyncApp.readyChunk(i))") == [ready_chunk(i) for i in frames]
     no_page_errors(page)
 
 

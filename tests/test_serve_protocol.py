@@ -127,6 +127,18 @@ def test_ready_chunk_is_11_or_12_and_consistent_with_the_resampler():
     assert 0.8 < (offs == 11).mean() < 0.9          # the docstring's "86 % / 14 %"
 
 
+def test_ready_chunk_is_periodic():
+    """ready_chunk(i + P) = ready_chunk(i) + P with P = ready_chunk_period() (1,835 frames for soxr HQ): what lets
+    meta.json give the rule for every frame with one period of offsets."""
+    from lipsync_trt.serve.session import ready_chunk, ready_chunk_period
+
+    period = ready_chunk_period()
+    assert period is not None and period % 5 == 0, period
+    offs = [ready_chunk(i) - i for i in range(period)]
+    assert all(ready_chunk(i) - i == offs[i % period] for i in range(period, 4 * period))
+    assert offs[:6] == [11, 11, 11, 11, 12, 11]
+
+
 def _stream_windows(x24: np.ndarray, ids: list[int]):
     from lipsync_trt.serve.session import AudioFront
 

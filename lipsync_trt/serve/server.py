@@ -5,6 +5,7 @@ and /stats. Model names are keys of the registry built at start-up, never paths.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -18,7 +19,7 @@ from ..errors import AudioError, UsageError
 from .protocol import (MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError, Status,
                        decode_request, error_response)
 from .scheduler import POLICIES, ModelEntry, Scheduler
-from .session import END, Stream, ready_chunk
+from .session import END, Stream, ready_chunk, ready_chunk_period
 
 STATIC = Path(__file__).resolve().parent / "static"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -88,6 +89,16 @@ def load_models(cfg: ServeConfig) -> tuple[dict[str, ModelEntry], object]:
             runners[gen] = backends.load(cfg.backend, gen, cfg.audio_encoder, cfg.device, cfg.precision, **cfg.options)
         entries[name] = ModelEntry(name=name, avatar=avatar_mod.load(folder), runner=runners[gen])
     return entries, next(iter(runners.values()))
+
+
+@functools.lru_cache(maxsize=1)
+def ready_rule() -> dict:
+    """meta.json's readiness rule: frame i is made once chunk i + offsets[i % period] has arrived (one period)."""
+    period = ready_chunk_period()
+    return {"ready_chunk_offsets": [ready_chunk(i) - i for i in range(period or 64)],
+            "ready_chunk_period": period,
+            "ready_chunk_note": "video frame i is made once chunk i + ready_chunk_offsets[i % ready_chunk_period] "
+                                "has arrived" if period else "the first 64 frames only; after them 12 at most"}
 
 
 class Connection:
@@ -310,7 +321,7 @@ class Server:
             "name": e.name, "width": a.width, "height": a.height, "count": a.count, "fps": R.FPS,
             "boxes": a.boxes.tolist(), "order": [int(v) for v in a.order(period)],
             "order_note": "video frame i uses template order[i % len(order)]",
-            "ready_chunk_offsets": [ready_chunk(i) - i for i in range(64)],
+            **ready_rule(),
         })
 
     async def get_frame(self, request):

@@ -11,13 +11,14 @@ Nothing here is shared between streams except the read-only avatar data the call
 Delay. soxr's HQ stream filter holds back 97..585 samples at 16 kHz (it emits in blocks, so the lag
 depends on the phase), so video frame i (which needs 16 kHz samples up to 200 floor(3.2 (i + 6)) + 3399 <= 640 i + 7239, RECIPE §3) is
 ready once chunk i + 11 (86 % of frames) or chunk i + 12 (14 %) has arrived; `ready_chunk(i)` gives the
-exact chunk. The mel has no global normalisation, so mel frames computed as their samples arrive equal the
+exact chunk, and the pattern repeats every `ready_chunk_period()` frames (1,835). The mel has no global normalisation, so mel frames computed as their samples arrive equal the
 offline ones; the last few (which read the zero padding past the end) are computed at end of stream, and
 the frames after that are made exactly as the offline recipe makes the end of a file.
 """
 from __future__ import annotations
 
-
+import functools
+import math
 import threading
 
 import numpy as np
@@ -73,6 +74,22 @@ def ready_chunk(frame: int) -> int:
     """The chunk id whose arrival makes video frame `frame` ready mid-stream: frame + 11 or frame + 12."""
     counts = _output_counts(max(3000, frame + 20))
     return int(np.searchsorted(counts, samples_needed(frame)))
+
+
+@functools.lru_cache(maxsize=None)
+def ready_chunk_period() -> int | None:
+    """P with ready_chunk(i + P) = ready_chunk(i) + P for every frame i (None if not found). The resampler's
+    hold-back after chunk c (640 (c + 1) minus its cumulative output) repeats with a period of its own (367 chunks
+    for soxr HQ fed 960-sample chunks at 3:2, found here on 12,000 chunks), and samples_needed(i + 5) =
+    samples_needed(i) + 5 x 640 (5 video frames = 16 mel frames), so P = lcm(5, that period) = 1,835 frames."""
+    chunks = 12000
+    per_chunk = CHUNK_SAMPLES * R.SAMPLE_RATE // STREAM_RATE                 # 640
+    hold = per_chunk * np.arange(1, chunks + 1) - _output_counts(chunks)[:chunks]
+    cycle = int(R.FPS) // math.gcd(int(R.MEL_FPS), int(R.FPS))               # 5: window_start(k + 5) = ... + 16
+    for p in range(1, chunks // 4):
+        if np.array_equal(hold[p:], hold[:-p]):
+            return math.lcm(cycle, p)
+    return None
 
 
 def samples_needed(frame: int) -> int:

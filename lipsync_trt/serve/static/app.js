@@ -79,7 +79,7 @@
   }
 
   // ---- avatar: metadata and template frames (loaded around the playhead, kept in a small cache) ----
-  let meta = null;            // {name, width, height, count, fps, boxes, order, ready_chunk_offsets}
+  let meta = null;            // {name, width, height, count, fps, boxes, order, ready_chunk_offsets, ready_chunk_period}
   let images = new Map();     // template n -> {img, ok}
   const CACHE = 150;
 
@@ -261,8 +261,10 @@
   }
 
   // ---- receiving ----
+  // frame i is made once chunk readyChunk(i) has arrived: meta.json gives one period of the offsets
   function readyChunk(i) {
-    const off = meta && meta.ready_chunk_offsets;
+    const off = meta && meta.ready_chunk_offsets, period = meta && meta.ready_chunk_period;
+    if (off && period) return i + off[i % period];
     return i + (off && i < off.length ? off[i] : 12);
   }
 
@@ -675,6 +677,6 @@
     setInterval(updateStats, 250);
   }
 
-  window.lipsyncApp = { startMic, startFile, stop: stopInput, loadAvatar, readZip, socket: () => ws };
+  window.lipsyncApp = { startMic, startFile, stop: stopInput, loadAvatar, readZip, readyChunk, socket: () => ws };
   init();
 })();
