@@ -105,10 +105,11 @@ def calibrate(model: torch.nn.Module, inputs: tuple, seed: int) -> torch.nn.Modu
     return model
 
 
-def demo_checkpoints(root: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+def demo_checkpoints(root: str | os.PathLike, seed: int = 0, output_gain: float = OUTPUT_GAIN) -> tuple[Path, Path]:
     """Seeded, untrained generator and audio-encoder state_dicts saved as SyncTalk_2D .pth files under `root`
     (reused when present). BatchNorm is calibrated on speech-like mel windows and random images (`calibrate`), so
-    the output depends on the audio: a frame's mouth changes by tens of levels with its audio window."""
+    the output depends on the audio: a frame's mouth changes by tens of levels with its audio window. A larger
+    `output_gain` makes the mouth more sensitive to the audio, and ONNX Runtime / fp16 agree less closely."""
     from . import audio as A
     from .models import AudioEncoder, Generator
 
@@ -124,7 +125,7 @@ def demo_checkpoints(root: str | os.PathLike, seed: int = 0) -> tuple[Path, Path
     images = torch.rand(2, 6, R.ROI_SIZE, R.ROI_SIZE, generator=torch.Generator().manual_seed(seed + 2))
     gen = calibrate(Generator(), (images, A.feature_windows(A.pad_features(feats[:60]), [7, 41])), seed=seed + 3)
     with torch.no_grad():
-        gen.outc.conv.weight.mul_(OUTPUT_GAIN)
+        gen.outc.conv.weight.mul_(output_gain)
     enc_state = {k.removeprefix("audio_encoder."): v for k, v in enc.state_dict().items()}  # as SyncTalk ships it
     for state, path in ((gen.state_dict(), gen_path), (enc_state, enc_path)):
         tmp = path.with_name(path.name + ".part")
