@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import api, pipeline
+    from . import api
     from .demo import UNTRAINED_NOTE, make_demo
 
     tmp = None

@@ -203,21 +203,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _physical_cores() -> int | None:
-    try:
-        cores, cur = set(), {}
-        with open("/proc/cpuinfo") as f:
-            for line in list(f) + [""]:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k in ("physical id", "core id"):
-                    cur[k] = v.strip()
-                elif not k and cur:
-                    cores.add((cur.get("physical id"), cur.get("core id")))
-                    cur = {}
-        return len(cores) or None
-    except OSError:
-        return None
+def _physical_cores() -> int:
+    from .backends.onnxruntime import physical_cores   # (imports no onnxruntime)
+
+    return physical_cores()
 
 
 def _version(dist: str) -> str | None:

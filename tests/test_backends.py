@@ -38,20 +38,9 @@ def _importable(module: str) -> bool:
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory) -> tuple[Path, Path]:
     """Seeded random checkpoints (the same files test_build.py uses)."""
-    root = tmp_path_factory.getbasetemp() / "lipsync_ckpts"
-    try:
-        from lipsync_trt.demo import demo_checkpoints
-    except ImportError:
-        from lipsync_trt.models import AudioEncoder, Generator
+    from lipsync_trt.demo import demo_checkpoints
 
-        root.mkdir(parents=True, exist_ok=True)
-        g, a = root / "g.pth", root / "a.pth"
-        if not g.exists():
-            torch.manual_seed(0)
-            torch.save(Generator().state_dict(), g)
-            torch.save(AudioEncoder().state_dict(), a)
-        return g, a
-    return demo_checkpoints(root)
+    return demo_checkpoints(tmp_path_factory.getbasetemp() / "lipsync_ckpts")
 
 
 @pytest.fixture(scope="session")

@@ -27,25 +27,11 @@ from lipsync_trt.models.checkpoints import sha256  # noqa: E402
 BATCH = "1:2:3"   # small profile: keeps the checks fast on a 2-core CPU
 
 
-def _checkpoints(root: Path) -> tuple[Path, Path]:
-    try:
-        from lipsync_trt.demo import demo_checkpoints
-    except ImportError:   # before demo.py existed: the same idea, seeded random state_dicts
-        from lipsync_trt.models import AudioEncoder, Generator
-
-        root.mkdir(parents=True, exist_ok=True)
-        g, a = root / "g.pth", root / "a.pth"
-        if not g.exists():
-            torch.manual_seed(0)
-            torch.save(Generator().state_dict(), g)
-            torch.save(AudioEncoder().state_dict(), a)
-        return g, a
-    return demo_checkpoints(root)
-
-
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory) -> tuple[Path, Path]:
-    return _checkpoints(tmp_path_factory.getbasetemp() / "lipsync_ckpts")
+    from lipsync_trt.demo import demo_checkpoints
+
+    return demo_checkpoints(tmp_path_factory.getbasetemp() / "lipsync_ckpts")
 
 
 @pytest.fixture(scope="session")
