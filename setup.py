@@ -34,6 +34,7 @@ setup(
             "aiohttp>=3.9",
             "matplotlib>=3.7",
             "playwright>=1.40",                            # browser-client test, with the system chromium
+            "coremltools>=8.0; platform_system != 'Windows'",   # Core ML conversion round trip (runs on Linux)
             "triton>=3.0; platform_system == 'Linux'",   # kernel tests run under TRITON_INTERPRET=1 on CPU
         ],
     },
