@@ -43,6 +43,12 @@ def checkpoints(demo) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory) -> Path:
+    """The --engines/--out folder the build and backend tests share (one ONNX build per session)."""
+    return tmp_path_factory.getbasetemp() / "lipsync_engines"
+
+
+@pytest.fixture(scope="session")
 def torch_runner(checkpoints):
     import torch
 

@@ -36,23 +36,10 @@ def _importable(module: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def ckpts(tmp_path_factory) -> tuple[Path, Path]:
-    """Seeded random checkpoints (the same files test_build.py uses)."""
-    from lipsync_trt.demo import demo_checkpoints
-
-    return demo_checkpoints(tmp_path_factory.getbasetemp() / "lipsync_ckpts")
-
-
-@pytest.fixture(scope="session")
-def engines_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lipsync_engines"
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(ckpts, engines_dir) -> Path:
+def onnx_dir(checkpoints, engines_dir) -> Path:
     from lipsync_trt import build as B
 
-    return Path(B.build(*ckpts, target="onnx", batch=BATCH, out=engines_dir, log=None, progress=False)["dir"])
+    return Path(B.build(*checkpoints, target="onnx", batch=BATCH, out=engines_dir, log=None, progress=False)["dir"])
 
 
 # --------------------------------------------------------------------------------- availability / select
@@ -108,23 +95,23 @@ def test_without_cuda():
     assert trt_backend.probe() is not None   # not installed, or no GPU: never usable without CUDA
 
 
-def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(ckpts):
+def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(checkpoints):
     for name, mod in (("tensorrt", trt_backend), ("coreml", coreml_backend)):
         reason = mod.probe()
         if reason is None:
             continue
         with pytest.raises(BackendError, match=f"backend '{name}' is not usable here"):
-            mod.load(*ckpts, torch.device("cpu"))
+            mod.load(*checkpoints, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------- onnxruntime runner
 
 @needs_ort
-def test_onnxruntime_runner_matches_torch_fp32(ckpts, onnx_dir, engines_dir):
+def test_onnxruntime_runner_matches_torch_fp32(checkpoints, onnx_dir, engines_dir):
     from lipsync_trt.build import real_shaped_inputs
 
-    ort_runner = backends.load("onnxruntime", *ckpts, device="cpu", engines=engines_dir)
-    torch_runner = backends.load("torch", *ckpts, device="cpu")
+    ort_runner = backends.load("onnxruntime", *checkpoints, device="cpu", engines=engines_dir)
+    torch_runner = backends.load("torch", *checkpoints, device="cpu")
     assert ort_runner.name == "onnxruntime" and ort_runner.device.type == "cpu"
     assert ort_runner.info["generator_onnx"] == str(onnx_dir / "generator.onnx")
     assert ort_runner.info["providers"] == ["CPUExecutionProvider"]
@@ -143,24 +130,24 @@ def test_onnxruntime_runner_matches_torch_fp32(ckpts, onnx_dir, engines_dir):
 
 
 @needs_ort
-def test_onnxruntime_threads_option_and_default(ckpts, onnx_dir, engines_dir):
+def test_onnxruntime_threads_option_and_default(checkpoints, onnx_dir, engines_dir):
     from lipsync_trt.backends import onnxruntime as ob
 
     assert 1 <= ob.physical_cores() <= (os.cpu_count() or 1)
-    r = ob.load(*ckpts, torch.device("cpu"), engines=engines_dir, threads=1)
+    r = ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir, threads=1)
     assert r.threads == 1 and r.info["intra_op_threads"] == 1
-    assert ob.load(*ckpts, torch.device("cpu"), engines=engines_dir).threads == ob.physical_cores()
+    assert ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir).threads == ob.physical_cores()
 
 
 @needs_ort
-def test_onnxruntime_uses_the_cache_folder_when_no_engines_given(ckpts, onnx_dir, engines_dir, monkeypatch):
+def test_onnxruntime_uses_the_cache_folder_when_no_engines_given(checkpoints, onnx_dir, engines_dir, monkeypatch):
     from lipsync_trt.backends import onnxruntime as ob
 
     monkeypatch.setenv("LIPSYNC_TRT_CACHE", str(engines_dir))   # where the session's build already is
-    r = ob.load(*ckpts, torch.device("cpu"))
+    r = ob.load(*checkpoints, torch.device("cpu"))
     assert Path(r.info["generator_onnx"]).parent == onnx_dir
     with pytest.raises(CheckpointError, match="not found"):
-        ob.load(ckpts[0], ckpts[1].with_name("nope.pth"), torch.device("cpu"))
+        ob.load(checkpoints[0], checkpoints[1].with_name("nope.pth"), torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(BackendError):
             ob.OrtRunner(onnx_dir / "generator.onnx", onnx_dir / "audio_encoder.onnx", torch.device("cuda"))
@@ -176,7 +163,7 @@ def _frames_png(folder: Path) -> list[np.ndarray]:
 
 @needs_ort
 @pytest.mark.skipif(not (SANDERS / "talk_hb.wav").is_file(), reason=f"real data not present at {SANDERS}")
-def test_generate_cli_onnxruntime_equals_torch_on_sanders(ckpts, onnx_dir, engines_dir, tmp_path):
+def test_generate_cli_onnxruntime_equals_torch_on_sanders(checkpoints, onnx_dir, engines_dir, tmp_path):
     """`python -m lipsync_trt generate --backend onnxruntime` on real frames: composited pixels within +-1 of torch."""
     if importlib.util.find_spec("lipsync_trt.pipeline") is None:
         pytest.skip("lipsync_trt.pipeline is not there yet")
@@ -184,8 +171,8 @@ def test_generate_cli_onnxruntime_equals_torch_on_sanders(ckpts, onnx_dir, engin
     for backend in ("torch", "onnxruntime"):
         frames_dir = tmp_path / backend
         cmd = [sys.executable, "-m", "lipsync_trt", "generate", "--avatar", str(SANDERS),
-               "--audio", str(SANDERS / "talk_hb.wav"), "--generator", str(ckpts[0]),
-               "--audio-encoder", str(ckpts[1]), "--frames", "0-3", "--frames-dir", str(frames_dir),
+               "--audio", str(SANDERS / "talk_hb.wav"), "--generator", str(checkpoints[0]),
+               "--audio-encoder", str(checkpoints[1]), "--frames", "0-3", "--frames-dir", str(frames_dir),
                "--backend", backend, "--device", "cpu", "--engines", str(engines_dir), "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -28,38 +28,26 @@ BATCH = "1:2:3"   # small profile: keeps the checks fast on a 2-core CPU
 
 
 @pytest.fixture(scope="session")
-def ckpts(tmp_path_factory) -> tuple[Path, Path]:
-    from lipsync_trt.demo import demo_checkpoints
-
-    return demo_checkpoints(tmp_path_factory.getbasetemp() / "lipsync_ckpts")
-
-
-@pytest.fixture(scope="session")
-def engines_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lipsync_engines"
-
-
-@pytest.fixture(scope="session")
-def onnx_build(ckpts, engines_dir) -> dict:
+def onnx_build(checkpoints, engines_dir) -> dict:
     """One fp32 ONNX build shared by the tests (test_backends.py asks for the same one: a cache hit)."""
-    return B.build(*ckpts, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, log=None, progress=False)
+    return B.build(*checkpoints, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, log=None, progress=False)
 
 
 @pytest.fixture(scope="session")
-def models(ckpts):
-    return load_generator(ckpts[0]), load_audio_encoder(ckpts[1])
+def models(checkpoints):
+    return load_generator(checkpoints[0]), load_audio_encoder(checkpoints[1])
 
 
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_manifest_records_the_key_and_self_contained_files(onnx_build, ckpts):
+def test_manifest_records_the_key_and_self_contained_files(onnx_build, checkpoints):
     m = onnx_build
     folder = Path(m["dir"])
     saved = json.loads((folder / "manifest.json").read_text())
     key = saved["key"]
-    assert key["generator_sha256"] == sha256(ckpts[0]) and key["audio_encoder_sha256"] == sha256(ckpts[1])
+    assert key["generator_sha256"] == sha256(checkpoints[0]) and key["audio_encoder_sha256"] == sha256(checkpoints[1])
     assert key["precision"] == "fp32" and key["target"] == "onnx"
     assert key["batch"] == {"min": 1, "opt": 2, "max": 3}
     assert key["opset"] == B.OPSET and key["versions"]["torch"] == torch.__version__
@@ -113,11 +101,11 @@ def test_verify_rejects_an_onnx_that_differs_from_torch(onnx_build, models, tmp_
         B.verify(bad, folder / "audio_encoder.onnx", gen, enc, "fp32", (1, 2, 3), progress=False)
 
 
-def test_same_request_reuses_the_build_and_force_rebuilds(onnx_build, ckpts, engines_dir):
-    again = B.build(*ckpts, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, log=None, progress=False)
+def test_same_request_reuses_the_build_and_force_rebuilds(onnx_build, checkpoints, engines_dir):
+    again = B.build(*checkpoints, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, log=None, progress=False)
     assert again["reused"] and again["dir"] == onnx_build["dir"] and again["created"] == onnx_build["created"]
     lines = []
-    forced = B.build(*ckpts, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, force=True,
+    forced = B.build(*checkpoints, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, force=True,
                      log=lines.append, progress=False)
     assert not forced["reused"] and forced["dir"] == onnx_build["dir"]
     assert [ln.split("]")[0] for ln in lines] == ["[1", "[2", "[3", "[4"]   # one line per step
@@ -127,12 +115,12 @@ def test_same_request_reuses_the_build_and_force_rebuilds(onnx_build, ckpts, eng
         B._key_hash(B.build_key("a", "b", "onnx", "fp32", (1, 4, 16)))
 
 
-def test_ensure_onnx_finds_the_build_for_a_checkpoint_pair(onnx_build, ckpts, engines_dir):
-    gen_onnx, enc_onnx = B.ensure_onnx(*ckpts, out=engines_dir, log=None)
+def test_ensure_onnx_finds_the_build_for_a_checkpoint_pair(onnx_build, checkpoints, engines_dir):
+    gen_onnx, enc_onnx = B.ensure_onnx(*checkpoints, out=engines_dir, log=None)
     assert gen_onnx == Path(onnx_build["dir"]) / "generator.onnx" and enc_onnx.name == "audio_encoder.onnx"
-    assert B.find_build(engines_dir, *ckpts, "tensorrt") is None   # looked up by artifact kind
+    assert B.find_build(engines_dir, *checkpoints, "tensorrt") is None   # looked up by artifact kind
     with pytest.raises(CheckpointError, match="not found"):
-        B.ensure_onnx(ckpts[0], ckpts[1].with_name("missing.pth"), out=engines_dir, log=None)
+        B.ensure_onnx(checkpoints[0], checkpoints[1].with_name("missing.pth"), out=engines_dir, log=None)
 
 
 @pytest.mark.parametrize("text,expected", [("1:4:16", (1, 4, 16)), ("8", (8, 8, 8)), (None, B.DEFAULT_BATCH)])
@@ -154,39 +142,39 @@ def _run_main(argv, capsys) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_cli_missing_checkpoint_exits_2_with_one_line(ckpts, tmp_path, capsys):
-    rc, _, err = _run_main(["--generator", str(tmp_path / "nope.pth"), "--audio-encoder", str(ckpts[1]),
+def test_cli_missing_checkpoint_exits_2_with_one_line(checkpoints, tmp_path, capsys):
+    rc, _, err = _run_main(["--generator", str(tmp_path / "nope.pth"), "--audio-encoder", str(checkpoints[1]),
                             "--out", str(tmp_path / "e")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "nope.pth: checkpoint file not found" in err
     assert "Traceback" not in err
 
 
-def test_cli_wrong_checkpoint_exits_2(ckpts, tmp_path, capsys):
+def test_cli_wrong_checkpoint_exits_2(checkpoints, tmp_path, capsys):
     # the audio encoder given as the generator: the key check names what is wrong
-    rc, _, err = _run_main(["--generator", str(ckpts[1]), "--audio-encoder", str(ckpts[1]),
+    rc, _, err = _run_main(["--generator", str(checkpoints[1]), "--audio-encoder", str(checkpoints[1]),
                             "--out", str(tmp_path / "e")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "not a SyncTalk_2D generator (mode 'ave') checkpoint" in err
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a zip")
-    rc, _, err = _run_main(["--generator", str(ckpts[0]), "--audio-encoder", str(junk),
+    rc, _, err = _run_main(["--generator", str(checkpoints[0]), "--audio-encoder", str(junk),
                             "--out", str(tmp_path / "e")], capsys)
     assert rc == 2 and "not a readable PyTorch state_dict" in err
 
 
-def test_cli_unwritable_out_dir_exits_2(ckpts, tmp_path, capsys):
+def test_cli_unwritable_out_dir_exits_2(checkpoints, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    rc, _, err = _run_main(["--generator", str(ckpts[0]), "--audio-encoder", str(ckpts[1]),
+    rc, _, err = _run_main(["--generator", str(checkpoints[0]), "--audio-encoder", str(checkpoints[1]),
                             "--out", str(blocker / "engines")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "output folder is not writable" in err
     with pytest.raises(OutputError):   # the same error from the Python API
-        B.build(*ckpts, out=blocker / "engines", log=None)
+        B.build(*checkpoints, out=blocker / "engines", log=None)
 
 
-def test_cli_usage_errors_exit_2(ckpts, tmp_path, capsys):
-    rc, _, err = _run_main(["--generator", str(ckpts[0]), "--out", str(tmp_path)], capsys)
+def test_cli_usage_errors_exit_2(checkpoints, tmp_path, capsys):
+    rc, _, err = _run_main(["--generator", str(checkpoints[0]), "--out", str(tmp_path)], capsys)
     assert rc == 2 and "--audio-encoder" in err
-    rc, _, err = _run_main(["--generator", str(ckpts[0]), "--audio-encoder", str(ckpts[1]), "--batch", "4:2:1",
+    rc, _, err = _run_main(["--generator", str(checkpoints[0]), "--audio-encoder", str(checkpoints[1]), "--batch", "4:2:1",
                             "--out", str(tmp_path)], capsys)
     assert rc == 2 and "MIN <= OPT <= MAX" in err
 
@@ -201,12 +189,12 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 
 # ------------------------------------------------------------------------------------ TensorRT target
 
-def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorrt(ckpts, tmp_path, capsys):
+def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorrt(checkpoints, tmp_path, capsys):
     from lipsync_trt.backends import tensorrt as trt_backend
 
     if trt_backend.build_probe() is None:
         pytest.skip("TensorRT and a GPU are present: the build would run (covered by the -m gpu benchmarks)")
-    rc, out, err = _run_main(["--generator", str(ckpts[0]), "--audio-encoder", str(ckpts[1]), "--target", "tensorrt",
+    rc, out, err = _run_main(["--generator", str(checkpoints[0]), "--audio-encoder", str(checkpoints[1]), "--target", "tensorrt",
                               "--precision", "fp16", "--batch", BATCH, "--out", str(tmp_path / "e"), "--quiet"], capsys)
     assert rc == 2 and err.count("\n") == 1
     assert "cannot build TensorRT engines here" in err and "generator.fp16.onnx" in err
