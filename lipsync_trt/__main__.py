@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from . import recipe as R
+from .cli_args import add_backend_args
 from .errors import LipsyncError, UsageError
 
 
@@ -17,17 +18,6 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--audio-encoder", metavar="A.pth", required=required,
                    help="SyncTalk audio encoder checkpoint (audio_visual_encoder.pth, with or without the "
                         "'audio_encoder.' key prefix)")
-
-
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"],
-                   help="runtime (default auto: TensorRT engines on CUDA, else torch on CUDA, else Core ML on macOS, "
-                        "else ONNX Runtime when installed, else torch). `info` lists what is usable here")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="model precision (fp16/bf16 need CUDA or an fp16 engine; default fp32)")
-    p.add_argument("--engines", metavar="DIR", default=None,
-                   help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default engines/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "unless --frames-dir is given)")
     g.add_argument("--frames", metavar="LIST", help="render only these video frames, e.g. 0,1,2,100-139 (inclusive)")
     g.add_argument("--frames-dir", metavar="DIR", help="also write each rendered frame as DIR/{i:06d}.png (RGB PNG)")
-    _add_backend_args(g)
+    add_backend_args(g)
     g.add_argument("--batch-size", type=int, default=None, help="frames per model call (default 1 on CPU, where it measured fastest; 32 on CUDA)")
     g.add_argument("--start-frame", type=int, default=0, metavar="K",
                    help="ping-pong over template frames K..count-1 only (default 0)")

@@ -5,6 +5,7 @@ import argparse
 import sys
 import tempfile
 
+from ..cli_args import add_backend_args
 from ..errors import UsageError
 from .protocol import MAX_MESSAGE_BYTES
 from .scheduler import POLICIES
@@ -25,15 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the audio encoder checkpoint (audio_visual_encoder.pth), shared by all avatars")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8084, help="port (default 8084; 0 = any free port, printed at start)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt", "coreml"],
-                   help="runtime (default auto: TensorRT on CUDA, else torch on CUDA, else Core ML on macOS, else "
-                        "ONNX Runtime when installed, else torch); `python -m lipsync_trt info` lists what is usable")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="model precision (fp16/bf16 need CUDA or an fp16 engine; default fp32)")
-    p.add_argument("--engines", metavar="DIR", default=None,
-                   help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
-                        "TensorRT, the cache folder for ONNX Runtime; built there when missing)")
+    add_backend_args(p)
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="most frames per generator call, taken across all streams that share a generator (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
