@@ -166,6 +166,28 @@ def _paste(prepared, pred: torch.Tensor) -> list[torch.Tensor]:
     return compose.paste(frames, crops, pred, boxes)
 
 
+@contextlib.contextmanager
+def helper_threads(runner: Runner) -> Iterator[None]:
+    """While frames render on the CPU, run OpenCV single-threaded, and torch's helper ops too when the networks
+    run in another runtime's pool (ONNX Runtime): spinning helper pools otherwise take the cores from the model
+    (2-core CPU: onnxruntime's generator 60 -> 45 ms/frame, see docs/BENCHMARKS.md). Both counts are
+    process-wide and restored on exit."""
+    if runner.device.type != "cpu":
+        yield
+        return
+    import cv2
+
+    saved_cv, saved_torch = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(1)
+    if runner.own_cpu_pool:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(saved_cv)
+        torch.set_num_threads(saved_torch)
+
+
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
                 start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
                 cache: bool | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -174,7 +196,15 @@ def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[i
     Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
     three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
     `cache`: keep decoded + prepared templates on the device (see `use_template_cache`; None = decide).
+    On the CPU, helper thread counts are lowered until the iterator finishes or is closed (`helper_threads`).
     """
+    with helper_threads(runner):
+        yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache)
+
+
+def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None,
+                 start_frame: int, batch_size: int | None, timings: dict | None,
+                 cache: bool | None) -> Iterator[tuple[int, torch.Tensor]]:
     n = feats.num_frames
     indices = list(range(n)) if indices is None else indices
     order = avatar.order(n, start_frame)

@@ -10,6 +10,9 @@ import numpy as np
 from . import recipe as R
 from .errors import OutputError
 
+_BT601 = 6       # AVCOL_SPC_SMPTE170M
+_TV_RANGE = 1    # AVCOL_RANGE_MPEG (16-235)
+
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early (before any rendering) when `path`'s folder does not exist or cannot be written."""
@@ -58,6 +61,8 @@ class VideoWriter:
             except Exception as exc:
                 raise OutputError(f"video codec {self.codec!r} is not available in this PyAV/FFmpeg ({exc})") from None
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+            # what `write` produces (OpenCV's I420): BT.601 matrix, limited range; tagged so players agree
+            vs.codec_context.colorspace, vs.codec_context.color_range = _BT601, _TV_RANGE
             if self.codec == "libx264":
                 vs.options = {"crf": str(self.crf), "preset": self.preset}
             vs.thread_count = self.threads
@@ -92,9 +97,16 @@ class VideoWriter:
             self._container.mux(packet)
 
     def write(self, frame_bgr: np.ndarray) -> None:
+        """Encode one (H, W, 3) uint8 BGR frame. OpenCV converts it to I420 (BT.601, limited range, as
+        FFmpeg's swscale would) at ~0.3 ms for 1280x720, where swscale's bgr24 path takes ~5 ms."""
         import av
+        import cv2
 
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_bgr), format="bgr24")
+        if frame_bgr.shape != (self.height, self.width, 3) or frame_bgr.dtype != np.uint8:
+            raise OutputError(f"{self.path}: frame {self.frames} is {frame_bgr.dtype} {tuple(frame_bgr.shape)}, "
+                              f"expected uint8 ({self.height}, {self.width}, 3) BGR")
+        yuv = cv2.cvtColor(np.ascontiguousarray(frame_bgr), cv2.COLOR_BGR2YUV_I420)
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self.frames
         self.frames += 1
         for packet in self._video.encode(frame):

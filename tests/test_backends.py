@@ -182,3 +182,36 @@ def test_generate_cli_onnxruntime_equals_torch_on_sanders(checkpoints, onnx_dir,
     for a, b in zip(outs["torch"], outs["onnxruntime"]):
         assert a.shape == b.shape
         assert int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= 1
+
+
+# ------------------------------------------------------------------------------------------ helper threads
+
+@needs_ort
+def test_helper_threads_are_single_while_onnxruntime_renders_and_restored_after(demo, checkpoints, onnx_dir,
+                                                                               engines_dir):
+    import cv2
+
+    from lipsync_trt import audio as A
+    from lipsync_trt import avatar as AV
+    from lipsync_trt import pipeline
+
+    av = AV.load(demo["avatar"])
+    ort_runner = backends.load("onnxruntime", *checkpoints, device="cpu", engines=engines_dir)
+    torch_runner = backends.load("torch", *checkpoints, device="cpu")
+    feats = pipeline.encode_features(torch_runner, A.load_16k(demo["audio"]))
+    saved = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(2)
+    torch.set_num_threads(2)
+    try:
+        for runner, torch_during in ((ort_runner, 1), (torch_runner, 2)):
+            seen = {(cv2.getNumThreads(), torch.get_num_threads())
+                    for _ in pipeline.iter_frames(runner, av, feats, [0, 1, 2], batch_size=2)}
+            assert seen == {(1, torch_during)}, runner.name
+            assert (cv2.getNumThreads(), torch.get_num_threads()) == (2, 2), f"{runner.name}: not restored"
+        it = pipeline.iter_frames(ort_runner, av, feats, [0, 1, 2], batch_size=1)
+        next(it)
+        it.close()                                                    # abandoned early: restored too
+        assert (cv2.getNumThreads(), torch.get_num_threads()) == (2, 2)
+    finally:
+        cv2.setNumThreads(saved[0])
+        torch.set_num_threads(saved[1])

@@ -25,6 +25,12 @@ class Runner:
         """The dtype generator inputs are best given in (prepare writes this dtype)."""
         return torch.float16 if self.precision == "fp16" else torch.float32
 
+    @property
+    def own_cpu_pool(self) -> bool:
+        """True when the networks run on this machine's CPU cores in a thread pool of the runtime's own (not
+        torch's), so the pipeline keeps torch's helper ops single-threaded (`pipeline.helper_threads`)."""
+        return False
+
     def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -121,6 +121,10 @@ class OrtRunner(Runner):
     def dtype(self) -> torch.dtype:
         return _TORCH[self.gen.inputs["images"]]
 
+    @property
+    def own_cpu_pool(self) -> bool:
+        return self.device.type == "cpu"
+
     def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
         return self.enc.run(mel=mel_windows).float()
 
