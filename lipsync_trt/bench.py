@@ -575,8 +575,9 @@ class Bench:
         avail = backends.available()
         if args.backends:
             names = _csv(args.backends)
-            for n in names:   # "torch:MODE" = the torch backend with torch.compile(mode=MODE)
-                if n.split(":")[0] not in avail or (":" in n and not n.startswith("torch:")):
+            for n in names:   # "torch:MODE" = torch.compile(mode=MODE); "onnxruntime:spin" = spinning threads
+                if n.split(":")[0] not in avail or (":" in n and not n.startswith("torch:")
+                                                    and n != "onnxruntime:spin"):
                     raise SystemExit(f"bench: unknown backend {n!r}; expected some of: {', '.join(avail)}")
         else:
             names = [n for n, a in avail.items() if a.usable]
@@ -626,7 +627,9 @@ class Bench:
                         else:
                             opts = {"engines": self.args.engines} if self.args.engines else {}
                             name, _, mode = cfg.backend.partition(":")
-                            if mode:
+                            if mode == "spin":
+                                opts["spinning"] = True
+                            elif mode:
                                 opts["compile"] = mode
                             runner = backends.load(name, self.inputs.generator, self.inputs.audio_encoder,
                                                    device=dev, precision=cfg.precision, **opts)
@@ -1159,7 +1162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cfg = p.add_argument_group("configurations")
     cfg.add_argument("--backends", help="comma list (default: every available one); the baseline always runs; "
                      "torch:MODE is the torch backend with torch.compile(mode=MODE), e.g. torch:reduce-overhead "
-                     "(CUDA graphs per batch size) or torch:max-autotune")
+                     "(CUDA graphs per batch size) or torch:max-autotune; onnxruntime:spin is onnxruntime with its idle "
+                     "threads busy-waiting (spinning=True)")
     cfg.add_argument("--devices", help="comma list: cpu, cuda, cuda:1 (default: auto = cuda when present, else cpu)")
     cfg.add_argument("--batch-sizes", help="comma list (default: 1,4 on a CPU, 1,8,32,128 on CUDA)")
     cfg.add_argument("--precisions", help="comma list: fp32, fp16, bf16 (default: fp32 on a CPU, fp32,fp16 on CUDA)")

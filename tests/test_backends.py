@@ -136,7 +136,13 @@ def test_onnxruntime_threads_option_and_default(checkpoints, onnx_dir, engines_d
     assert 1 <= ob.physical_cores() <= (os.cpu_count() or 1)
     r = ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir, threads=1)
     assert r.threads == 1 and r.info["intra_op_threads"] == 1
-    assert ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir).threads == ob.physical_cores()
+    default = ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir)
+    assert default.threads == ob.physical_cores()
+    key = "session.intra_op.allow_spinning"      # read back from the sessions ONNX Runtime actually made
+    for runner, want in ((default, "0"), (ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir,
+                                                   spinning=True), "1")):
+        for sess in (runner.gen.session, runner.enc.session):
+            assert sess.get_session_options().get_session_config_entry(key) == want
 
 
 @needs_ort

@@ -6,6 +6,9 @@ build for this checkpoint pair from `engines` (when given) or the cache folder (
 
 On a 2-core x86-64 CPU the generator runs ~3.5-4x faster than eager PyTorch at batch 1 (docs/ENGINES.md).
 Threads: `threads` (intra-op) defaults to the physical cores this process may use; inter-op is 1.
+`spinning` (default off) lets idle intra-op threads busy-wait for the next op: ~6% faster for the generator
+alone, but in `generate` the spinning threads take CPU from decode/paste/H.264 and end to end to MP4 is
+~9% slower (2-core CPU, docs/BENCHMARKS.md), so it is off unless the process does nothing else.
 """
 from __future__ import annotations
 
@@ -55,12 +58,13 @@ _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class _Session:
-    def __init__(self, path: Path, device: torch.device, threads: int, providers: list):
+    def __init__(self, path: Path, device: torch.device, threads: int, providers: list, spinning: bool = False):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -96,7 +100,8 @@ class _Session:
 
 class OrtRunner(Runner):
     def __init__(self, generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike,
-                 device: torch.device = torch.device("cpu"), precision: str = "fp32", threads: int | None = None):
+                 device: torch.device = torch.device("cpu"), precision: str = "fp32", threads: int | None = None,
+                 spinning: bool = False):
         import onnxruntime as ort
 
         super().__init__(name="onnxruntime", device=device, precision=precision)
@@ -111,10 +116,11 @@ class OrtRunner(Runner):
         else:
             raise BackendError(f"onnxruntime backend: unsupported device {device}; use cpu or cuda")
         self.threads = threads or physical_cores()
-        self.gen = _Session(Path(generator_onnx), device, self.threads, providers)
-        self.enc = _Session(Path(encoder_onnx), device, self.threads, providers)
+        self.gen = _Session(Path(generator_onnx), device, self.threads, providers, spinning)
+        self.enc = _Session(Path(encoder_onnx), device, self.threads, providers, spinning)
         self.info = {"generator_onnx": str(generator_onnx), "audio_encoder_onnx": str(encoder_onnx),
                      "providers": self.gen.session.get_providers(), "intra_op_threads": self.threads,
+                     "spinning": spinning,
                      "onnxruntime": ort.__version__}
 
     @property
@@ -137,7 +143,7 @@ class OrtRunner(Runner):
 
 def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device: torch.device,
          precision: str = "fp32", engines: str | os.PathLike | None = None, threads: int | None = None,
-         **_: object) -> OrtRunner:
+         spinning: bool = False, **_: object) -> OrtRunner:
     """ONNX for this checkpoint pair (found in `engines` or the cache, else exported there), on `device`."""
     from ..build import ensure_onnx, find_build
 
@@ -151,4 +157,4 @@ def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device:
                                           "onnx_fp16" if precision == "fp16" else "onnx") is None:
         out = None   # nothing usable in --engines: use (and fill) the cache rather than writing into it
     gen_onnx, enc_onnx = ensure_onnx(generator, audio_encoder, out, precision)
-    return OrtRunner(gen_onnx, enc_onnx, device, precision, threads)
+    return OrtRunner(gen_onnx, enc_onnx, device, precision, threads, spinning)
