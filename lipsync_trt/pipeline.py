@@ -6,6 +6,7 @@ import contextlib
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .backends.base import Runner
 from .errors import OutputError, UsageError
 
 ENCODER_BATCH = 256
+HELPER_NICE = 10   # how much lower than the model's the helper threads' CPU priority is, on a CPU (Linux)
 
 
 @dataclass
@@ -104,9 +106,10 @@ _DONE = object()
 class _Stage(threading.Thread):
     """A worker that maps items from `inbox` to `outbox`; errors travel downstream as exceptions."""
 
-    def __init__(self, fn: Callable, inbox: Iterable | queue.Queue, outbox: queue.Queue, stop: threading.Event):
+    def __init__(self, fn: Callable, inbox: Iterable | queue.Queue, outbox: queue.Queue, stop: threading.Event,
+                 setup: Callable[[], None] | None = None):
         super().__init__(daemon=True)
-        self.fn, self.inbox, self.outbox, self.stop = fn, inbox, outbox, stop
+        self.fn, self.inbox, self.outbox, self.stop, self.setup = fn, inbox, outbox, stop, setup
 
     def _items(self):
         if isinstance(self.inbox, queue.Queue):
@@ -131,6 +134,8 @@ class _Stage(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.setup is not None:
+                self.setup()
             for item in self._items():
                 if self.stop.is_set():
                     return
@@ -188,6 +193,58 @@ def helper_threads(runner: Runner) -> Iterator[None]:
         torch.set_num_threads(saved_torch)
 
 
+def yield_to_model(runner: Runner) -> None:
+    """Lower the calling thread's CPU priority by HELPER_NICE when the model runs on the CPU (Linux only: there
+    a thread has its own nice value, inherited by the threads it starts, such as x264's). The model's threads
+    then preempt decode/prepare and the H.264 encode instead of stalling at a barrier while one of their two
+    cores is taken (2-core CPU, `generate` to MP4: see docs/BENCHMARKS.md). Call it only in threads the
+    pipeline starts: an unprivileged thread cannot raise its priority back."""
+    if runner.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICE))
+    except OSError:
+        pass   # not permitted (seccomp, containers): priorities stay equal, which is only slower
+
+
+@contextlib.contextmanager
+def in_background(fn: Callable[[object], None], setup: Callable[[], None] | None = None,
+                  depth: int = 4) -> Iterator[Callable[[object], None]]:
+    """Yield `submit`; a helper thread calls fn(item) for each submitted item, in order (`setup()` first).
+    The thread's error is re-raised in the caller at the next submit or at exit; on exit the thread finishes
+    what was submitted before this returns."""
+    work: queue.Queue = queue.Queue(maxsize=depth)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        if setup is not None:
+            setup()
+        while (item := work.get()) is not _DONE:
+            if errors:
+                continue   # drain after a failure, so that the caller's put never blocks
+            try:
+                fn(item)
+            except BaseException as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name="lipsync_trt-sink")
+    thread.start()
+
+    def submit(item) -> None:
+        if errors:
+            raise errors[0]
+        work.put(item)
+
+    try:
+        yield submit
+    finally:
+        work.put(_DONE)
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
                 start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
                 cache: bool | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -236,7 +293,7 @@ def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[
     stop = threading.Event()
     q1: queue.Queue = queue.Queue(maxsize=2)
     q2: queue.Queue = queue.Queue(maxsize=2)
-    workers = [_Stage(prep, batches, q1, stop), _Stage(model, q1, q2, stop)]
+    workers = [_Stage(prep, batches, q1, stop, setup=lambda: yield_to_model(runner)), _Stage(model, q1, q2, stop)]
     for w in workers:
         w.start()
     try:
@@ -295,7 +352,8 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
              start_frame: int = 0, batch_size: int | None = None, crf: int = R.DEFAULT_CRF,
              preset: str = R.DEFAULT_PRESET,
              codec: str = "libx264", progress: bool = True, source: str = "audio") -> Summary:
-    """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs."""
+    """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs. Frames are
+    encoded/written in a helper thread (`in_background`), at the helper priority on a CPU (`yield_to_model`)."""
     from tqdm import tqdm
 
     from .audio import to_16k_mono
@@ -326,13 +384,18 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
     writer = (VideoWriter(out, avatar.width, avatar.height, audio=track, audio_rate=rate, crf=crf, codec=codec,
                           preset=preset)
               if out is not None else contextlib.nullcontext())
-    with writer, tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar:
+
+    def sink(item: tuple[int, np.ndarray]) -> None:   # in its own thread: the H.264 encode overlaps the paste
+        i, arr = item
+        if out is not None:
+            writer.write(arr)
+        if fdir is not None:
+            write_png(fdir / f"{i:06d}.png", arr)
+
+    with (writer, in_background(sink, setup=lambda: yield_to_model(runner)) as submit,
+          tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar):
         for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings):
-            arr = frame.cpu().numpy()
-            if out is not None:
-                writer.write(arr)
-            if fdir is not None:
-                write_png(fdir / f"{i:06d}.png", arr)
+            submit((i, frame.cpu().numpy()))
             bar.update(1)
     return Summary(frames=len(indices), seconds=time.perf_counter() - t0, backend=runner.name,
                    device=str(runner.device), batch_size=bs, out=str(out) if out else None,

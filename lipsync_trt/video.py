@@ -29,7 +29,8 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 class VideoWriter:
     """Context manager: frames (H, W, 3) uint8 BGR in, an MP4 out. The file appears only on success;
-    on any exception (Ctrl-C included) the temporary file is removed."""
+    on any exception (Ctrl-C included) the temporary file is removed. The encoders open at the first frame,
+    so `write` may run in another thread than `__enter__` (x264's threads start in the writing one)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, audio: np.ndarray | None = None,
                  audio_rate: int = R.SAMPLE_RATE, fps: int = int(R.FPS), crf: int = R.DEFAULT_CRF,
@@ -44,6 +45,7 @@ class VideoWriter:
         self.audio, self.audio_rate = audio, audio_rate
         self.frames = 0
         self._container = None
+        self._started = False
 
     def __enter__(self) -> "VideoWriter":
         import av
@@ -67,23 +69,32 @@ class VideoWriter:
                 vs.options = {"crf": str(self.crf), "preset": self.preset}
             vs.thread_count = self.threads
             self._video = vs
-            if self.audio is not None and len(self.audio):
-                self._write_audio(self.audio, self.audio_rate)
+            self._audio_stream = self._add_audio_stream() if self.audio is not None and len(self.audio) else None
         except BaseException:
             self._abort()
             raise
         return self
 
-    def _write_audio(self, samples: np.ndarray, rate: int) -> None:
+    def _add_audio_stream(self):
+        samples = np.asarray(self.audio, dtype=np.float32)
+        self.audio = samples[:, None] if samples.ndim == 1 else samples
+        layout = "mono" if self.audio.shape[1] == 1 else "stereo"
+        if self.audio.shape[1] > 2:
+            self.audio, layout = self.audio.mean(axis=1, keepdims=True), "mono"
+        return self._container.add_stream("aac", rate=self.audio_rate, layout=layout)
+
+    def _start(self) -> None:
+        """Open the encoders (PyAV does at the first mux) and write the audio track. Done at the first frame, in
+        the thread that writes, so that x264's threads start there and inherit its priority
+        (`pipeline.yield_to_model`)."""
+        self._started = True
+        if self._audio_stream is not None:
+            self._write_audio(self._audio_stream, self.audio, self.audio_rate)
+
+    def _write_audio(self, stream, samples: np.ndarray, rate: int) -> None:
         import av
 
-        samples = np.asarray(samples, dtype=np.float32)
-        if samples.ndim == 1:
-            samples = samples[:, None]
-        layout = "mono" if samples.shape[1] == 1 else "stereo"
-        if samples.shape[1] > 2:
-            samples, layout = samples.mean(axis=1, keepdims=True), "mono"
-        stream = self._container.add_stream("aac", rate=rate, layout=layout)
+        layout = stream.layout.name
         planar = np.ascontiguousarray(samples.T)
         chunk = 1024
         for start in range(0, planar.shape[1], chunk):
@@ -105,6 +116,8 @@ class VideoWriter:
         if frame_bgr.shape != (self.height, self.width, 3) or frame_bgr.dtype != np.uint8:
             raise OutputError(f"{self.path}: frame {self.frames} is {frame_bgr.dtype} {tuple(frame_bgr.shape)}, "
                               f"expected uint8 ({self.height}, {self.width}, 3) BGR")
+        if not self._started:
+            self._start()
         yuv = cv2.cvtColor(np.ascontiguousarray(frame_bgr), cv2.COLOR_BGR2YUV_I420)
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self.frames
@@ -125,6 +138,8 @@ class VideoWriter:
             self._abort()
             return
         try:
+            if not self._started:
+                self._start()
             for packet in self._video.encode(None):
                 self._container.mux(packet)
             self._container.close()
