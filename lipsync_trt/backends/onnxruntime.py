@@ -6,9 +6,9 @@ build for this checkpoint pair from `engines` (when given) or the cache folder (
 
 On a 2-core x86-64 CPU the generator runs ~3.5-4x faster than eager PyTorch at batch 1 (docs/ENGINES.md).
 Threads: `threads` (intra-op) defaults to the physical cores this process may use; inter-op is 1.
-`spinning` (default off) lets idle intra-op threads busy-wait for the next op: ~6% faster for the generator
+`spinning` (default off) lets idle intra-op threads busy-wait for the next op: 6-10% faster for the generator
 alone, but in `generate` the spinning threads take CPU from decode/paste/H.264 and end to end to MP4 is
-~9% slower (2-core CPU, docs/BENCHMARKS.md), so it is off unless the process does nothing else.
+~10% slower (2-core CPU, docs/BENCHMARKS.md), so it is off unless the process does nothing else.
 """
 from __future__ import annotations
 
