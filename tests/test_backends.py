@@ -104,6 +104,35 @@ def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(checkpoints):
             mod.load(*checkpoints, torch.device("cpu"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(trt_backend.probe() is not None, reason=f"TensorRT backend not usable here: {trt_backend.probe()}")
+@pytest.mark.parametrize("precision,cuda_graphs", [("fp32", False), ("fp16", False), ("fp16", True)])
+def test_tensorrt_engines_match_torch_fp32(checkpoints, tmp_path, precision, cuda_graphs):
+    """Engines built by `build` for this checkpoint pair give the torch fp32 path's outputs within the build's
+    tolerance for that precision, at two batch sizes, with and without CUDA graphs (never run: TensorRT is not
+    installable here)."""
+    from lipsync_trt.build import TOLERANCE, real_shaped_inputs
+
+    cuda = torch.device("cuda")
+    trt_runner = backends.load("tensorrt", *checkpoints, device=cuda, precision=precision, engines=tmp_path,
+                               batch="1:4:8", cuda_graphs=cuda_graphs)
+    ref_runner = backends.load("torch", *checkpoints, device="cpu")   # the oracle: torch fp32 on the CPU
+    windows, images, audio = real_shaped_inputs(ref_runner.audio_encoder, 3)
+
+    def trt(fn, *xs):   # fp32 in: the runner casts to each engine input's own type
+        return fn(*(x.to(cuda) for x in xs)).float().cpu()
+
+    ref = ref_runner.generate(images, audio)
+    out = trt(trt_runner.generate, images, audio)
+    assert out.shape == ref.shape == (3, 3, 320, 320)
+    assert float((out - ref).abs().max()) <= TOLERANCE[precision]["generator"]
+    assert float((trt(trt_runner.generate, images, audio) - out).abs().max()) <= 1e-5   # a second run (replay)
+    one = trt(trt_runner.generate, images[:1], audio[:1])
+    assert float((one - ref[:1]).abs().max()) <= TOLERANCE[precision]["generator"]
+    f_ref, f_out = ref_runner.encode_audio(windows), trt(trt_runner.encode_audio, windows)
+    assert float((f_out - f_ref).abs().max()) <= TOLERANCE[precision]["audio_encoder"] * max(1.0, float(f_ref.abs().max()))
+
+
 # ------------------------------------------------------------------------------------- onnxruntime runner
 
 @needs_ort

@@ -66,7 +66,6 @@ def test_prepare_matches_opencv_on_sanders(frames, impl):
     boxes = [av.boxes[i] for i in ids]
     inputs, crops = compose.prepare([torch.from_numpy(f) for f in imgs], boxes, impl=impl)
     assert inputs.shape == (len(ids), 6, 320, 320) and inputs.dtype == torch.float32
-    eq_total, n = 0.0, 0
     for k, (img, box) in enumerate(zip(imgs, boxes)):
         ref_in, ref_crop = cv2_prepare(img, box)
         frac, worst = agreement(crops[k].numpy(), ref_crop)
