@@ -87,20 +87,18 @@ class VideoWriter:
         """Open the encoders (PyAV does at the first mux) and write the audio track. Done at the first frame, in
         the thread that writes, so that x264's threads start there and inherit its priority
         (`pipeline.yield_to_model`)."""
-        self._started = True
-        if self._audio_stream is not None:
-            self._write_audio(self._audio_stream, self.audio, self.audio_rate)
-
-    def _write_audio(self, stream, samples: np.ndarray, rate: int) -> None:
         import av
 
-        layout = stream.layout.name
-        planar = np.ascontiguousarray(samples.T)
+        self._started = True
+        stream = self._audio_stream
+        if stream is None:
+            return
+        planar = np.ascontiguousarray(self.audio.T)
         chunk = 1024
         for start in range(0, planar.shape[1], chunk):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start:start + chunk]),
-                                               format="fltp", layout=layout)
-            frame.sample_rate = rate
+                                               format="fltp", layout=stream.layout.name)
+            frame.sample_rate = self.audio_rate
             frame.pts = start
             for packet in stream.encode(frame):
                 self._container.mux(packet)
