@@ -29,6 +29,23 @@ def load(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return data, int(rate)
 
 
+MAX_ABS_SAMPLE = 64.0   # largest |sample| accepted: 36 dB over full scale, far beyond any real (even clipped) audio
+
+
+def check_samples(data: np.ndarray, source: str = "audio") -> None:
+    """Reject NaN/infinite samples and finite but absurd ones (|x| > MAX_ABS_SAMPLE, e.g. 3e38, which overflow
+    the float32 mel); values a little over full scale, as clipped TTS output has, pass unchanged."""
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise AudioError(f"{source}: {bad} samples are NaN or infinite; expected finite samples in [-1, 1]")
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        bad = int((np.abs(data) > MAX_ABS_SAMPLE).sum())
+        raise AudioError(f"{source}: {bad} samples exceed +-{MAX_ABS_SAMPLE:g} (peak {peak:.3g}); expected "
+                         f"float samples in [-1, 1] (or int16 PCM)")
+
+
 def to_16k_mono(data: np.ndarray, rate: int, source: str = "audio") -> np.ndarray:
     """Average channels to mono and resample to 16 kHz with soxr 'HQ'; reject empty, short or non-finite input."""
     import soxr
@@ -40,9 +57,7 @@ def to_16k_mono(data: np.ndarray, rate: int, source: str = "audio") -> np.ndarra
         raise AudioError(f"{source}: expected a 1-D (samples) or 2-D (samples, channels) array, got shape {data.shape}")
     if data.size == 0:
         raise AudioError(f"{source}: the audio is empty (0 samples)")
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise AudioError(f"{source}: {bad} samples are NaN or infinite; expected finite samples in [-1, 1]")
+    check_samples(data, source)
     if rate <= 0:
         raise AudioError(f"{source}: invalid sample rate {rate}")
     if rate != R.SAMPLE_RATE:
