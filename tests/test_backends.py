@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import reorder_atol
 
 from lipsync_trt import backends
 from lipsync_trt.backends import coreml as coreml_backend
@@ -155,7 +156,7 @@ def test_onnxruntime_runner_matches_torch_fp32(checkpoints, onnx_dir, engines_di
     assert float((f_out - f_ref).abs().max()) <= 1e-4 * max(1.0, float(f_ref.abs().max()))
     # batch size does not change the result
     one = ort_runner.generate(images[1:2], audio[1:2])
-    assert float((one - out[1:2]).abs().max()) <= 1e-5
+    assert float((one - out[1:2]).abs().max()) <= reorder_atol(1.0)   # another batch composition
 
 
 @needs_ort

@@ -18,6 +18,7 @@ import lipsync_trt
 from lipsync_trt.__main__ import main
 from lipsync_trt.models import load_generator
 from oracle import agreement, reference_frames
+from tolerances import reorder_atol
 
 
 def expected_frames(samples_16k: int) -> int:
@@ -128,7 +129,7 @@ def test_features_command(demo, tmp_path):
     from lipsync_trt.models import load_audio_encoder
     with torch.no_grad():
         ref = load_audio_encoder(demo["audio_encoder"])(mel_windows(torch.from_numpy(data["mel"])))
-    assert np.abs(ref.numpy() - data["features"]).max() < 1e-5
+    assert np.abs(ref.numpy() - data["features"]).max() <= reorder_atol(np.abs(ref.numpy()).max())
 
 
 def test_ctrl_c_leaves_nothing_behind(sanders, checkpoints, tmp_path):

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from tolerances import reorder_atol
 import torch
 
 from lipsync_trt.serve import protocol as P
@@ -173,10 +174,10 @@ def test_stream_resampling_mel_windows_equal_offline(seconds):
     wins, n, s16 = _stream_windows(x24, list(range(n_chunks)))
     # the stream resampler gives the one-shot soxr output (closely; here exactly)
     assert len(s16) == len(ref16)
-    np.testing.assert_allclose(s16, ref16, atol=1e-6)
+    np.testing.assert_allclose(s16, ref16, atol=reorder_atol(1.0))   # samples in [-1, 1]; FIR sums in another order
     ref = A.mel_windows(A.mel(torch.from_numpy(ref16)))
     assert n == len(ref) and wins.shape == ref.shape
-    torch.testing.assert_close(wins, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wins, ref, atol=reorder_atol(4.0), rtol=0)   # mel levels lie in [-4, 4]
 
 
 def test_gaps_are_silence_and_repeats_are_ignored():
@@ -191,7 +192,7 @@ def test_gaps_are_silence_and_repeats_are_ignored():
         silent[cid * 960:(cid + 1) * 960] = 0
     import soxr
     ref = A.mel_windows(A.mel(torch.from_numpy(soxr.resample(silent, 24000, 16000, quality="HQ"))))
-    torch.testing.assert_close(wins, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wins, ref, atol=reorder_atol(4.0), rtol=0)   # mel levels lie in [-4, 4]
 
 
 def test_gap_too_large_is_malformed():
@@ -234,7 +235,9 @@ def test_streamed_features_equal_encode_features(torch_runner):
     feats = pipeline.encode_features(torch_runner, wav16)
     assert sorted(got) == list(range(feats.num_frames))
     ref = A.feature_windows(feats.padded, range(feats.num_frames))
-    torch.testing.assert_close(torch.stack([got[i] for i in range(feats.num_frames)]), ref, atol=1e-5, rtol=1e-5)
+    # the stream encodes its windows in other batch compositions than encode_features: rounding only
+    torch.testing.assert_close(torch.stack([got[i] for i in range(feats.num_frames)]), ref,
+                               atol=reorder_atol(ref.abs().max()), rtol=0)
     # mid-stream readiness: after chunk c, exactly the frames i with ready_chunk(i) <= c were made
     from lipsync_trt.serve.session import ready_chunk
     for c in range(50):
