@@ -224,13 +224,15 @@ def prepare(frames: torch.Tensor, boxes, dtype: torch.dtype = torch.float32, *,
 
 
 def paste(frames: torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes, *,
-          max_box: Optional[tuple[int, int]] = None, interpret: Optional[bool] = None) -> torch.Tensor:
+          max_box: Optional[tuple[int, int]] = None, interpret: Optional[bool] = None,
+          feather: int = 0) -> torch.Tensor:
     """Composite generator outputs pred (B, 3, 320, 320) float in [0, 1] into frames (B, H, W, 3) uint8, in place.
 
     One kernel launch: truncate pred * 255 to uint8, place it in crops328[4:324, 4:324] (virtually; crops328
     is not modified), bicubic 328 -> each box's (h, w), write into frames[b, y1:y2, x1:x2]. The launch grid
     covers the largest box: taken from host boxes, from `max_box` = (h, w) when given, else the frame size
-    (boxes on the GPU are not read back).
+    (boxes on the GPU are not read back). feather > 0 blends into what the frames hold under each box with
+    the ramp of `lipsync_trt.compose.feather_alpha` (the same float32 alpha table) instead of overwriting.
     """
     _check_frames(frames)
     B = frames.shape[0]
@@ -243,17 +245,37 @@ def paste(frames: torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxe
     if B == 0:
         return frames
     crops328 = crops328.contiguous()
+    alpha = _feather_table(feather, frames.device)
     ext_h, ext_w = max_box or extent or (frames.shape[1], frames.shape[2])
     by, bx_, nw = INTERP_TILE if mods.interpret else GPU_PASTE_TILE
     grid = (_cdiv(max(ext_w, 1), bx_), _cdiv(max(ext_h, 1), by), B)
     with _on_device(mods, frames):
         mods.paste.paste_kernel[grid](
-            frames, bx, pred, crops328,
+            frames, bx, pred, crops328, alpha,
             frames.stride(0), frames.stride(1), frames.stride(2), frames.stride(3),
             bx.stride(0), bx.stride(1),
             pred.stride(0), pred.stride(1), pred.stride(2), pred.stride(3),
-            CROP=CROP, OFF=OFF, ROI=ROI, BY=by, BX=bx_, **_launch_opts(mods.interpret, nw))
+            CROP=CROP, OFF=OFF, ROI=ROI, BY=by, BX=bx_, FEATHER=int(feather),
+            **_launch_opts(mods.interpret, nw))
     return frames
+
+
+_feather_tables: dict = {}
+
+
+def _feather_table(feather: int, device: torch.device) -> torch.Tensor:
+    """compose.feather_ramp(feather) on the device (one float32 placeholder when feather is 0)."""
+    if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
+        raise ValueError(f"feather must be a whole number of pixels >= 0 (0 = no blending), got {feather!r}")
+    key = (feather, device)
+    table = _feather_tables.get(key)
+    if table is None:
+        from ..compose import feather_ramp   # the one definition of the ramp
+
+        ramp = feather_ramp(feather) if feather else [0.0]
+        table = torch.tensor(ramp, dtype=torch.float32, device=device)
+        _feather_tables[key] = table
+    return table
 
 
 def cubic_taps(pairs, *, interpret: Optional[bool] = None, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

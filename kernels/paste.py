@@ -6,7 +6,8 @@ materialised: inside [4, 324) the tap reads the generator output and truncates i
 `compose.to_uint8` (float32 x 255, clamp 0..255, truncate), outside it reads the saved crop328 border.
 The resize itself reproduces `compose.resize_cubic` operation for operation (horizontal pass per source
 row, then vertical pass, float32, taps summed in order, round half to even, clamp), and the result is
-stored straight into frames[b, y1:y2, x1:x2].
+stored straight into frames[b, y1:y2, x1:x2]. With FEATHER > 0 the stored value is blended with what the
+frame holds there first, as `compose.feather_alpha` defines (alpha looked up in the same float32 table).
 """
 import triton
 import triton.language as tl
@@ -42,12 +43,12 @@ def _row(s, k: tl.constexpr, CROP: tl.constexpr, OFF: tl.constexpr, ROI: tl.cons
 
 
 @triton.jit
-def paste_kernel(frames_ptr, boxes_ptr, pred_ptr, crop_ptr,
+def paste_kernel(frames_ptr, boxes_ptr, pred_ptr, crop_ptr, alpha_ptr,
                  stride_fb, stride_fy, stride_fx, stride_fc,
                  stride_bb, stride_bk,
                  stride_pb, stride_pc, stride_py, stride_px,
                  CROP: tl.constexpr, OFF: tl.constexpr, ROI: tl.constexpr,
-                 BY: tl.constexpr, BX: tl.constexpr):
+                 BY: tl.constexpr, BX: tl.constexpr, FEATHER: tl.constexpr):
     pid_x = tl.program_id(0)
     pid_y = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -114,8 +115,17 @@ def paste_kernel(frames_ptr, boxes_ptr, pred_ptr, crop_ptr,
     acc = acc + t1 * wy1[:, None, None]
     acc = acc + t2 * wy2[:, None, None]
     acc = acc + t3 * wy3[:, None, None]
-    v = tl.minimum(tl.maximum(round_half_even(acc), 0.0), 255.0).to(tl.int32).to(tl.uint8)
+    v = tl.minimum(tl.maximum(round_half_even(acc), 0.0), 255.0)
 
     out = (frames_ptr + b * stride_fb + ((y1 + oy) * stride_fy)[:, None, None]
            + ((x1 + ox) * stride_fx)[None, :, None] + ch3 * stride_fc)
-    tl.store(out, v, mask=mask)
+    if FEATHER > 0:
+        # edge distance d = min(x, y, w-1-x, h-1-y) in the box; alpha = table[min(d, FEATHER)]
+        dx = tl.minimum(ox, w - 1 - ox)
+        dy = tl.minimum(oy, h - 1 - oy)
+        d = tl.minimum(tl.minimum(dy[:, None], dx[None, :]), FEATHER)
+        inside = (oy < h)[:, None] & (ox < w)[None, :]
+        a = tl.load(alpha_ptr + tl.maximum(d, 0), mask=inside, other=0.0)[:, :, None]
+        t = tl.load(out, mask=mask, other=0).to(tl.float32)
+        v = tl.minimum(tl.maximum(round_half_even(t + a * (v - t)), 0.0), 255.0)
+    tl.store(out, v.to(tl.int32).to(tl.uint8), mask=mask)

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from . import recipe as R
+from .errors import UsageError
+
+DEFAULT_FEATHER = 16   # `--blend feather`'s ramp width in pixels of the output frame
 
 def cubic_coeffs(fx: np.ndarray) -> np.ndarray:
     """OpenCV's interpolateCubic in float32: the 4 tap weights for fractional offsets fx (n,) -> (n, 4)."""
@@ -88,6 +91,75 @@ def prepare_one(frame: torch.Tensor, box, dtype: torch.dtype = torch.float32) ->
     lut = _unit_lut(frame.device, dtype)
     both = torch.cat([roi, masked], dim=2).permute(2, 0, 1).long()
     return lut[both], crop328
+
+
+def parse_blend(spec: str | None) -> int:
+    """`--blend` value -> feather width in pixels: "none"/None -> 0 (the reference's hard paste), "feather" ->
+    DEFAULT_FEATHER, "feather:PX" -> PX (a whole number >= 1)."""
+    if spec is None:
+        return 0
+    s = str(spec).strip().lower()
+    if s == "none":
+        return 0
+    if s == "feather":
+        return DEFAULT_FEATHER
+    if s.startswith("feather:") and s[8:].strip().isdigit() and int(s[8:]) >= 1:
+        return int(s[8:])
+    raise UsageError(f"--blend: expected none, feather or feather:PX with PX a whole number of pixels >= 1 "
+                     f"(e.g. feather:{DEFAULT_FEATHER}), got {spec!r}")
+
+
+def _check_feather(feather: int) -> int:
+    if isinstance(feather, bool) or not isinstance(feather, (int, np.integer)) or feather < 0:
+        raise ValueError(f"feather must be a whole number of pixels >= 0 (0 = no blending), got {feather!r}")
+    return int(feather)
+
+
+@functools.lru_cache(maxsize=64)
+def feather_ramp(px: int) -> np.ndarray:
+    """The blend's alpha for edge distances d = 0..px: 0.5 - 0.5 cos(pi d / px), computed in float64 and
+    stored as float32 (0 at d = 0, 1 at d = px). Every compositing path looks alpha up in this one table."""
+    d = np.arange(px + 1, dtype=np.float64)
+    ramp = (0.5 - 0.5 * np.cos(np.pi * d / px)).astype(np.float32)
+    ramp[0], ramp[-1] = 0.0, 1.0
+    ramp.setflags(write=False)
+    return ramp
+
+
+def feather_alpha(h: int, w: int, px: int) -> np.ndarray:
+    """Alpha (h, w) float32 of a box: pixel (y, x) of the box has edge distance d = min(x, y, w-1-x, h-1-y),
+    the distance between its centre and the centre of the nearest outermost row or column of the box (so the
+    box's outermost pixels have d = 0); alpha = feather_ramp(px)[min(d, px)]. The blended value is
+    round_half_even(t + alpha * (g - t)) in float32, t the template's and g the generator's uint8 value."""
+    dy = np.minimum(np.arange(h), np.arange(h)[::-1])
+    dx = np.minimum(np.arange(w), np.arange(w)[::-1])
+    return feather_ramp(px)[np.minimum(np.minimum(dy[:, None], dx[None, :]), px)]
+
+
+def _blend_np(template: np.ndarray, mouth: np.ndarray, px: int) -> np.ndarray:
+    """The feather blend (see `feather_alpha`) of two uint8 (h, w, 3) arrays, in numpy."""
+    a = feather_alpha(mouth.shape[0], mouth.shape[1], px)[:, :, None]
+    t = template.astype(np.float32)
+    v = np.rint(t + a * (mouth.astype(np.float32) - t))
+    return np.clip(v, 0, 255).astype(np.uint8)
+
+
+def _blend_torch(template: torch.Tensor, mouth: torch.Tensor, px: int) -> torch.Tensor:
+    """The feather blend (see `feather_alpha`) of two uint8 (h, w, 3) tensors, on their device."""
+    a = torch.from_numpy(feather_alpha(mouth.shape[0], mouth.shape[1], px)).to(mouth.device)[:, :, None]
+    t = template.to(mouth.device, torch.float32)
+    return (t + a * (mouth.to(torch.float32) - t)).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def generator_inputs(crops328: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 328, 328, 3) uint8 crops -> (B, 6, 320, 320) generator input [roi, masked roi] / 255 (RECIPE §6), on the
+    crops' device: what `prepare` returns with them, from the crops alone (a template cache keeps only those)."""
+    o, n = R.ROI_OFFSET, R.ROI_SIZE
+    x = _unit_lut(crops328.device, dtype)[crops328[:, o:o + n, o:o + n].permute(0, 3, 1, 2).long()]
+    masked = x.clone()
+    mx, my, mw, mh = R.MASK_RECT
+    masked[:, :, my:my + mh, mx:mx + mw] = 0
+    return torch.cat([x, masked], dim=1)
 
 
 IMPLS = ("auto", "triton", "opencv", "torch")
@@ -181,29 +253,51 @@ def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor,
     return frame
 
 
-def mouths(crops328: torch.Tensor, pred: torch.Tensor, boxes, impl: str = "auto") -> list[torch.Tensor]:
+def mouths(crops328: torch.Tensor, pred: torch.Tensor, boxes, impl: str = "auto", feather: int = 0,
+           templates=None) -> list[torch.Tensor]:
     """For a batch of generator outputs, the box-sized regions `paste` would write (uint8 (h, w, 3) each, on the
-    crops' device): what the streaming server sends. OpenCV for CPU crops, the PyTorch path elsewhere."""
+    crops' device): what the streaming server sends. OpenCV for CPU crops, the PyTorch path elsewhere.
+    With feather > 0 each region is blended into `templates[i]`, the template frame's (h, w, 3) uint8 region
+    under box i (what the frame holds there before pasting)."""
     impl = _impl(crops328, impl)
+    feather = _check_feather(feather)
+    if feather and (templates is None or len(templates) != len(boxes)):
+        raise ValueError(f"mouths: feather={feather} needs templates, one box-sized template region per box")
     one = _mouth_cv2 if impl == "opencv" else mouth_one
     pred_u8 = to_uint8(pred).to(crops328.device)
-    return [one(crops328[i], pred_u8[i], b) for i, b in enumerate(boxes)]
+    out = [one(crops328[i], pred_u8[i], b) for i, b in enumerate(boxes)]
+    if not feather:
+        return out
+    if impl == "opencv":
+        return [torch.from_numpy(_blend_np(_np(t), m.numpy(), feather)) for t, m in zip(templates, out)]
+    return [_blend_torch(torch.as_tensor(t), m, feather) for t, m in zip(templates, out)]
+
+
+def _np(img) -> np.ndarray:
+    return img.cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
 
 
 def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxes,
-          impl: str = "auto") -> list[torch.Tensor] | torch.Tensor:
+          impl: str = "auto", feather: int = 0) -> list[torch.Tensor] | torch.Tensor:
     """Composite a batch of generator outputs (B, 3, 320, 320) into the frames, in place (a stacked
-    (B, H, W, 3) tensor, or a list of frames; on CUDA through the fused Triton kernel, on a CPU OpenCV)."""
+    (B, H, W, 3) tensor, or a list of frames; on CUDA through the fused Triton kernel, on a CPU OpenCV).
+    feather > 0 blends each box into the frame with the ramp of `feather_alpha` instead of a hard paste."""
     impl = _impl(frames, impl)
+    feather = _check_feather(feather)
     if impl == "triton":
         from . import kernels
         batch = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
-        kernels.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"))
+        kernels.paste(batch, crops328, pred, _box_tensor(boxes, "cpu"), feather=feather)
         return batch if isinstance(frames, torch.Tensor) else list(batch.unbind(0))
-    for f, b, m in zip(frames, boxes, mouths(crops328, pred, boxes, impl)):
+    templates = None
+    if feather:
+        templates = [crop_box(f, b) for f, b in zip(frames, boxes)]
+        if impl == "opencv":
+            templates = [t.cpu() for t in templates]
+    for f, b, m in zip(frames, boxes, mouths(crops328, pred, boxes, impl, feather, templates)):
         x1, y1, x2, y2 = (int(v) for v in b)
         f[y1:y2, x1:x2] = m.to(f.device)
     return frames
 
 
-__all__ = ["resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]
+__all__ = ["parse_blend", "feather_alpha", "feather_ramp", "DEFAULT_FEATHER", "resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]

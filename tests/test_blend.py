@@ -1,0 +1,189 @@
+"""`--blend feather[:PX]` (issue #16): the ramp against an alpha computed here from the issue's definition, the
+three compositing paths against each other, and the seam it removes on real sanders frames."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lipsync_trt import compose
+from lipsync_trt.errors import UsageError
+
+try:
+    import triton  # noqa: F401
+    _NO_TRITON = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    _NO_TRITON = f"triton is not importable ({exc}); pip install triton"
+
+
+def oracle_alpha(h: int, w: int, px: int) -> np.ndarray:
+    """Raised cosine from 0 on the box's outermost pixels to 1 at px pixels inside, in float64."""
+    y, x = np.indices((h, w))
+    d = np.minimum.reduce([x, y, w - 1 - x, h - 1 - y])
+    return 0.5 - 0.5 * np.cos(np.pi * np.minimum(d, px) / px), d
+
+
+def hard_paste(frame: np.ndarray, crop: np.ndarray, pred: np.ndarray, box) -> np.ndarray:
+    """The reference's paste with OpenCV: pred (3, 320, 320) in [0, 1] into the crop's inner 320, resized to the box."""
+    x1, y1, x2, y2 = box
+    c = crop.copy()
+    c[4:324, 4:324] = (np.clip(pred.transpose(1, 2, 0) * 255, 0, 255)).astype(np.uint8)
+    out = frame.copy()
+    out[y1:y2, x1:x2] = cv2.resize(c, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Frames, crop328s, predictions and boxes: a box wider than 2 PX, a small one (the ramp never reaches 1
+    inside it), and one touching the frame's corner."""
+    g = torch.Generator().manual_seed(16)
+    frames = torch.randint(0, 256, (3, 96, 128, 3), dtype=torch.uint8, generator=g)
+    frames[0] = torch.linspace(0, 255, 128).to(torch.uint8)[None, :, None]     # smooth template too
+    crops = torch.randint(0, 256, (3, 328, 328, 3), dtype=torch.uint8, generator=g)
+    pred = torch.rand((3, 3, 320, 320), generator=g)
+    boxes = [(10, 6, 90, 80), (100, 60, 121, 77), (70, 40, 128, 96)]
+    return frames, crops, pred, boxes
+
+
+def test_parse_blend():
+    assert compose.parse_blend(None) == 0
+    assert compose.parse_blend("none") == 0
+    assert compose.parse_blend("feather") == 16          # the issue's default width
+    assert compose.parse_blend("feather:8") == 8
+    assert compose.parse_blend(" Feather:1 ") == 1
+    for bad in ("", "soft", "feather:", "feather:0", "feather:-4", "feather:2.5", "feather:x", "none:3"):
+        with pytest.raises(UsageError, match="--blend"):
+            compose.parse_blend(bad)
+
+
+@pytest.mark.parametrize("impl", ["torch", "opencv"])
+@pytest.mark.parametrize("px", [1, 6, 16])
+def test_feather_ramp(batch, impl, px):
+    """Outside the box and deeper than PX: the pixels of `none` (the same path's hard paste); the outermost ring:
+    the template's; in between: the alpha blend of template and hard paste (to the nearest level), strictly
+    between them where rounding leaves room."""
+    frames, crops, pred, boxes = batch
+    none = [o.numpy() for o in compose.paste([f.clone() for f in frames], crops, pred, boxes, impl=impl)]
+    got = compose.paste([f.clone() for f in frames], crops, pred, boxes, impl=impl, feather=px)
+    ramp_pixels = 0
+    for f, n, o, (x1, y1, x2, y2) in zip(frames, none, got, boxes):
+        f, o = f.numpy(), o.numpy()
+        outside = np.ones(f.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(o[outside], f[outside])
+        a, d = oracle_alpha(y2 - y1, x2 - x1, px)
+        t = f[y1:y2, x1:x2].astype(np.int32)
+        g = n[y1:y2, x1:x2].astype(np.int32)
+        b = o[y1:y2, x1:x2].astype(np.int32)
+        assert np.array_equal(b[d >= px], g[d >= px]), "deeper than PX must be the hard paste"
+        assert np.array_equal(b[d == 0], t[d == 0]), "the box's outermost pixels must be the template's"
+        want = t + a[:, :, None] * (g - t)
+        assert np.abs(b - want).max() <= 0.5 + 1e-3     # round to nearest: float32 vs float64 alpha at worst 1 tie
+        ramp = np.broadcast_to(((d > 0) & (d < px))[:, :, None], b.shape)
+        lo, hi = np.minimum(t, g), np.maximum(t, g)
+        assert ((b >= lo) & (b <= hi))[ramp].all()
+        clear = ramp & (a[:, :, None] * np.abs(g - t) >= 1) & ((1 - a[:, :, None]) * np.abs(g - t) >= 1)
+        assert ((b > lo) & (b < hi))[clear].all()
+        ramp_pixels += int(clear.sum())
+    assert ramp_pixels > 0 or px == 1
+
+
+@pytest.mark.parametrize("impl", ["torch", "opencv"])
+def test_feather_zero_is_hard_paste(batch, impl):
+    frames, crops, pred, boxes = batch
+    """feather=0 is the reference's paste: OpenCV's pixels exactly on the OpenCV path, within its +-1 on the
+    PyTorch path (compose's documented agreement with cv2.resize)."""
+    got = compose.paste([f.clone() for f in frames], crops, pred, boxes, impl=impl, feather=0)
+    for f, c, p, b, o in zip(frames, crops, pred, boxes, got):
+        want = hard_paste(f.numpy(), c.numpy(), p.numpy(), b)
+        d = np.abs(o.numpy().astype(np.int32) - want)
+        if impl == "opencv":
+            assert not d.any()
+        else:
+            assert d.max() <= 1 and (d > 0).mean() <= 0.001
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
+    d = (a.int() - b.int()).abs()
+    assert int(d.max()) <= 1, f"{what}: max difference {int(d.max())}"
+    return float((d == 0).double().mean())
+
+
+@pytest.mark.parametrize("px", [5, 16])
+def test_paths_agree(batch, px):
+    """PyTorch, OpenCV and the Triton kernel (interpreter) within 1 level of each other."""
+    frames, crops, pred, boxes = batch
+    ref = torch.stack(compose.paste([f.clone() for f in frames], crops, pred, boxes, impl="torch", feather=px))
+    cv = torch.stack(compose.paste([f.clone() for f in frames], crops, pred, boxes, impl="opencv", feather=px))
+    print(f"opencv vs torch px={px}: {_close(cv, ref, 'opencv'):.4%} identical")
+    assert not torch.equal(ref, torch.stack(compose.paste([f.clone() for f in frames], crops, pred, boxes,
+                                                          impl="torch")))
+    if _NO_TRITON:
+        pytest.skip(_NO_TRITON)
+    from lipsync_trt import kernels
+
+    got = frames.clone()
+    kernels.paste(got, crops, pred, torch.tensor(boxes), interpret=True, feather=px)
+    print(f"triton vs torch px={px}: {_close(got, ref, 'triton'):.4%} identical")
+
+
+@pytest.mark.parametrize("impl", ["torch", "opencv"])
+def test_mouths_match_paste(batch, impl):
+    """mouths(templates=...) is what paste writes into the box; without templates feathering is refused."""
+    frames, crops, pred, boxes = batch
+    pasted = compose.paste([f.clone() for f in frames], crops, pred, boxes, impl=impl, feather=7)
+    templates = [f[y1:y2, x1:x2].numpy() for f, (x1, y1, x2, y2) in zip(frames, boxes)]
+    ms = compose.mouths(crops, pred, boxes, impl=impl, feather=7, templates=templates)
+    for m, o, (x1, y1, x2, y2) in zip(ms, pasted, boxes):
+        assert torch.equal(m, o[y1:y2, x1:x2])
+    with pytest.raises(ValueError, match="templates"):
+        compose.mouths(crops, pred, boxes, impl=impl, feather=7)
+    with pytest.raises(ValueError, match="feather"):
+        compose.paste([f.clone() for f in frames], crops, pred, boxes, impl=impl, feather=-1)
+
+
+def seam_profile(frame: np.ndarray, box, depth: int) -> np.ndarray:
+    """Mean absolute step between neighbouring pixels across each side of the box, for k = 0..depth: step k is
+    between the pixels k-1 and k counted from the side (k = 0 is across the edge itself), over the middle part
+    of each side (corners left out), all channels."""
+    x1, y1, x2, y2 = box
+    f = frame.astype(np.int32)
+    m = depth + 1
+    steps = []
+    for k in range(depth + 1):
+        s = [np.abs(f[y1 + m:y2 - m, x1 + k] - f[y1 + m:y2 - m, x1 + k - 1]),
+             np.abs(f[y1 + m:y2 - m, x2 - 1 - k] - f[y1 + m:y2 - m, x2 - k]),
+             np.abs(f[y1 + k, x1 + m:x2 - m] - f[y1 + k - 1, x1 + m:x2 - m]),
+             np.abs(f[y2 - 1 - k, x1 + m:x2 - m] - f[y2 - k, x1 + m:x2 - m])]
+        steps.append(np.concatenate([v.ravel() for v in s]).mean())
+    return np.array(steps)
+
+
+def test_seam_on_sanders(sanders, torch_runner):
+    """Seam measure on real frames with the (seeded demo) generator's output: the largest mean |step| between
+    neighbouring rings of pixels within PX of the box edge. With the hard paste it sits where the generator's
+    320 x 320 starts (4 of the crop's 328 pixels inside the box edge); feathered, it is far lower."""
+    from lipsync_trt import audio as A
+    from lipsync_trt import avatar as avatar_mod
+    from lipsync_trt import pipeline
+    from lipsync_trt.demo import make_speech
+
+    av = avatar_mod.load(sanders)
+    ids = [0, 40, 80, 120]
+    frames = [torch.from_numpy(av.frame(i).copy()) for i in ids]
+    boxes = [tuple(int(v) for v in av.boxes[i]) for i in ids]
+    inputs, crops = compose.prepare(frames, boxes)
+    feats = pipeline.encode_features(torch_runner, make_speech(1.0, seed=3))
+    with torch.no_grad():
+        pred = torch_runner.generate(inputs, A.feature_windows(feats.padded, [3, 8, 13, 18]))
+    px = compose.DEFAULT_FEATHER
+    none = compose.paste([f.clone() for f in frames], crops, pred, boxes)
+    fea = compose.paste([f.clone() for f in frames], crops, pred, boxes, feather=px)
+    p_t, p_none, p_fea = (np.mean([seam_profile(f.numpy(), b, px) for f, b in zip(fs, boxes)], axis=0)
+                          for fs in (frames, none, fea))
+    print(f"sanders seam (largest mean |step| within {px} px of the box edge, levels): template {p_t.max():.2f}, "
+          f"none {p_none.max():.2f} (at {p_none.argmax()} px), feather:{px} {p_fea.max():.2f}")
+    assert p_fea[0] == pytest.approx(p_t[0])          # across the edge itself: the template's own step
+    assert p_fea.max() < p_none.max()
