@@ -1,15 +1,18 @@
-"""Command line: python -m lipsync_trt generate | features | info | serve  (also installed as `lipsync-trt`)."""
+"""Command line: python -m lipsync_trt generate | features | info | serve | batch  (also installed as `lipsync-trt`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from . import recipe as R
-from .cli_args import add_backend_args
-from .errors import LipsyncError, UsageError
+from .cli_args import add_backend_args, add_blend_arg
+from .errors import LipsyncError, OutputError, UsageError
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="use a built-in synthetic avatar, seeded UNTRAINED weights and a synthetic clip; "
                         "needs no files (other inputs you give override the demo's)")
+    add_blend_arg(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     f = sub.add_parser("features", help="write the mel spectrogram (and encoder features) of a WAV to .npz")
@@ -61,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")
 
+    from .compare import add_parser as add_compare
+    add_compare(sub)
+
     try:
         from .serve.cli import add_parser as add_serve
     except ImportError:
         add_serve = None
     if add_serve is not None:
         add_serve(sub)
+    from .distributed.cli import add_parser as add_batch   # imports no Ray (that happens with --ray)
+    add_batch(sub)
     return parser
 
 
@@ -101,7 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise UsageError(f"--compile needs --backend torch (got --backend {args.backend})")
             options["compile"] = args.compile
         ls = api.load(args.avatar, args.generator, args.audio_encoder, backend=args.backend, device=args.device,
-                      precision=args.precision, batch_size=args.batch_size, start_frame=args.start_frame, **options)
+                      precision=args.precision, batch_size=args.batch_size, start_frame=args.start_frame,
+                      blend=args.blend, **options)
         summary = ls.generate(args.audio, out, frames_dir=args.frames_dir, frames=args.frames, crf=args.crf, preset=args.preset,
                               codec=args.codec, progress=not args.quiet)
         print(summary.line())
@@ -117,7 +127,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from . import audio as A
     from . import backends, pipeline
     from .models import load_audio_encoder
-    from .video import check_writable
+    from .video import check_writable, io_reason
 
     out = check_writable(args.out)
     wav = A.load_16k(args.audio)
@@ -137,6 +147,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     try:
         np.savez(tmp, **{k: v.astype(np.float32) for k, v in arrays.items()})
         os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write ({io_reason(exc)})") from None
     finally:
         tmp.unlink(missing_ok=True)
     print(f"{out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))
@@ -162,6 +174,27 @@ def cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """While a command runs, SIGTERM unwinds like Ctrl-C (temporary outputs removed) instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -171,13 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"generate": cmd_generate, "features": cmd_features, "info": cmd_info}.get(args.command,
                                                                                          getattr(args, "handler", None))
     try:
-        return handler(args)
+        with _sigterm_as_exception():
+            return handler(args)
     except LipsyncError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

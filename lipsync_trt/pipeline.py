@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -21,7 +20,7 @@ from . import compose
 from . import recipe as R
 from .avatar import Avatar, TemplateCache
 from .backends.base import Runner
-from .errors import OutputError, UsageError
+from .errors import UsageError
 
 ENCODER_BATCH = 256
 HELPER_NICE = 10   # how much lower than the model's the helper threads' CPU priority is, on a CPU (Linux)
@@ -149,12 +148,12 @@ class _Stage(threading.Thread):
 
 
 def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int],
-                 cache: TemplateCache | None = None) -> list[torch.Tensor]:
+                 cache: TemplateCache | None = None, feather: int = 0) -> list[torch.Tensor]:
     """Synchronous single batch: template frames + feature windows -> composited frames (H, W, 3) uint8 BGR
     on the runner's device. The streaming server and tests use this; `iter_frames` overlaps the same steps."""
     prepared = _prepare(runner, avatar, list(template_ids), cache)
     pred = runner.generate(prepared[1], audio_windows)
-    return _paste(prepared, pred)
+    return _paste(prepared, pred, feather)
 
 
 def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCache | None = None):
@@ -166,9 +165,9 @@ def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: Tem
     return frames, inputs, crops, boxes
 
 
-def _paste(prepared, pred: torch.Tensor) -> list[torch.Tensor]:
+def _paste(prepared, pred: torch.Tensor, feather: int = 0) -> list[torch.Tensor]:
     frames, _, crops, boxes = prepared
-    return compose.paste(frames, crops, pred, boxes)
+    return compose.paste(frames, crops, pred, boxes, feather=feather)
 
 
 @contextlib.contextmanager
@@ -247,8 +246,9 @@ def in_background(fn: Callable[[object], None], setup: Callable[[], None] | None
 
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
                 start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
-                cache: bool | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                cache: bool | None = None, feather: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (video frame index, composited frame (H, W, 3) uint8 BGR torch tensor) in ascending order.
+    `feather` > 0 blends each box's edge into the template over that many pixels (`compose.parse_blend`).
 
     Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
     three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
@@ -256,12 +256,12 @@ def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[i
     On the CPU, helper thread counts are lowered until the iterator finishes or is closed (`helper_threads`).
     """
     with helper_threads(runner):
-        yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache)
+        yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache, feather)
 
 
 def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None,
                  start_frame: int, batch_size: int | None, timings: dict | None,
-                 cache: bool | None) -> Iterator[tuple[int, torch.Tensor]]:
+                 cache: bool | None, feather: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     n = feats.num_frames
     indices = list(range(n)) if indices is None else indices
     order = avatar.order(n, start_frame)
@@ -305,7 +305,7 @@ def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[
                 raise item
             idx, prepared, pred = item
             t = time.perf_counter()
-            frames = _paste(prepared, pred)
+            frames = _paste(prepared, pred, feather)
             stats["paste"] += time.perf_counter() - t
             yield from zip(idx, frames)
     finally:
@@ -351,18 +351,20 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
              frames_dir: str | os.PathLike | None = None, frames: str | list[int] | None = None,
              start_frame: int = 0, batch_size: int | None = None, crf: int = R.DEFAULT_CRF,
              preset: str = R.DEFAULT_PRESET,
-             codec: str = "libx264", progress: bool = True, source: str = "audio") -> Summary:
+             codec: str = "libx264", progress: bool = True, source: str = "audio", feather: int = 0) -> Summary:
     """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs. Frames are
-    encoded/written in a helper thread (`in_background`), at the helper priority on a CPU (`yield_to_model`)."""
+    encoded/written in a helper thread (`in_background`), at the helper priority on a CPU (`yield_to_model`).
+    `feather`: see `iter_frames`."""
     from tqdm import tqdm
 
     from .audio import to_16k_mono
-    from .video import VideoWriter, check_writable, write_png
+    from .video import FramesDir, VideoWriter, check_writable
 
     if out is None and frames_dir is None:
         raise UsageError("nothing to write: give an output video path and/or a frames folder")
     if out is not None:
         check_writable(out)
+    fdir = FramesDir(frames_dir) if frames_dir is not None else None   # checked now, written all or nothing
     wav16k = to_16k_mono(samples, rate, source=source)
     avatar.order(2, start_frame)   # validates the start frame before any work
     t0 = time.perf_counter()
@@ -371,13 +373,6 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
     whole = frames is None
     indices = list(range(n)) if whole else (parse_frames(frames, n) if isinstance(frames, str) else
                                             parse_frames(",".join(map(str, frames)), n))
-    fdir = None
-    if frames_dir is not None:
-        fdir = Path(frames_dir)
-        try:
-            fdir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{fdir}: cannot create frames folder ({exc.strerror})") from None
     track = samples if whole else audio_span(indices, samples, rate)
     bs = batch_size or default_batch_size(runner)
     timings: dict = {}
@@ -390,13 +385,13 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
         if out is not None:
             writer.write(arr)
         if fdir is not None:
-            write_png(fdir / f"{i:06d}.png", arr)
+            fdir.write(i, arr)
 
-    with (writer, in_background(sink, setup=lambda: yield_to_model(runner)) as submit,
+    with (fdir or contextlib.nullcontext(), writer, in_background(sink, setup=lambda: yield_to_model(runner)) as submit,
           tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar):
-        for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings):
+        for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings, feather=feather):
             submit((i, frame.cpu().numpy()))
             bar.update(1)
     return Summary(frames=len(indices), seconds=time.perf_counter() - t0, backend=runner.name,
                    device=str(runner.device), batch_size=bs, out=str(out) if out else None,
-                   frames_dir=str(fdir) if fdir else None, timings=timings)
+                   frames_dir=str(fdir.path) if fdir else None, timings=timings)

@@ -15,16 +15,41 @@ _TV_RANGE = 1    # AVCOL_RANGE_MPEG (16-235)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before any rendering) when `path`'s folder does not exist or cannot be written."""
+    """Fail early (before any rendering) when `path`'s folder does not exist or cannot be written, or when `path`
+    exists and is not a regular file (a folder, device, pipe or socket is never replaced by the output)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; expected a file name such as out.mp4")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{path}: exists and is not a regular file (a device, pipe or socket); refusing to "
+                          f"replace it, give a file name such as out.mp4")
     if not folder.is_dir():
         raise OutputError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: output folder {folder} is not writable")
     return path
+
+
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def file_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's files are 0600)."""
+    return 0o666 & ~umask()
+
+
+def io_reason(exc: BaseException) -> str:
+    """A short reason for an I/O failure ('No space left on device'), for one-line errors."""
+    return getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200] or type(exc).__name__
 
 
 class VideoWriter:
@@ -114,14 +139,17 @@ class VideoWriter:
         if frame_bgr.shape != (self.height, self.width, 3) or frame_bgr.dtype != np.uint8:
             raise OutputError(f"{self.path}: frame {self.frames} is {frame_bgr.dtype} {tuple(frame_bgr.shape)}, "
                               f"expected uint8 ({self.height}, {self.width}, 3) BGR")
-        if not self._started:
-            self._start()
-        yuv = cv2.cvtColor(np.ascontiguousarray(frame_bgr), cv2.COLOR_BGR2YUV_I420)
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-        frame.pts = self.frames
-        self.frames += 1
-        for packet in self._video.encode(frame):
-            self._container.mux(packet)
+        try:
+            if not self._started:
+                self._start()
+            yuv = cv2.cvtColor(np.ascontiguousarray(frame_bgr), cv2.COLOR_BGR2YUV_I420)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            frame.pts = self.frames
+            self.frames += 1
+            for packet in self._video.encode(frame):
+                self._container.mux(packet)
+        except (OSError, av.FFmpegError) as exc:   # disk full, file too large, I/O error
+            raise OutputError(f"{self.path}: cannot write the video ({io_reason(exc)})") from None
 
     def _abort(self) -> None:
         try:
@@ -135,20 +163,73 @@ class VideoWriter:
         if exc_type is not None:
             self._abort()
             return
+        import av
+
         try:
             if not self._started:
                 self._start()
             for packet in self._video.encode(None):
                 self._container.mux(packet)
             self._container.close()
+            os.chmod(self._tmp, file_mode())
             os.replace(self._tmp, self.path)
+        except (OSError, av.FFmpegError) as err:
+            self._abort()
+            raise OutputError(f"{self.path}: cannot write the video ({io_reason(err)})") from None
         except BaseException:
             self._abort()
             raise
 
 
-def write_png(path: Path, frame_bgr: np.ndarray) -> None:
-    """Lossless RGB PNG of a BGR frame, written atomically."""
+class FramesDir:
+    """Context manager for a `--frames-dir` folder written all or nothing: PNGs go into a hidden temporary folder
+    beside it, moved into place when the block succeeds and removed when it fails or is interrupted, so a failed
+    run leaves the folder as it was (absent, or holding only what it held before)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"{self.path}: exists and is not a folder; expected a folder for the PNG frames")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"{self.path}: parent folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{self.path}: parent folder {parent} is not writable")
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "FramesDir":
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=parent))
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create the frames folder ({exc.strerror})") from None
+        return self
+
+    def write(self, index: int, frame_bgr: np.ndarray) -> None:
+        """Write frame `index` as {index:06d}.png (lossless)."""
+        write_png(self.tmp / f"{index:06d}.png", frame_bgr, final=self.path / f"{index:06d}.png")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            os.chmod(self.tmp, 0o777 & ~umask())   # mkdtemp's folders are 0700; a mkdir's are not
+            if not self.path.exists():
+                os.rename(self.tmp, self.path)
+                return
+            for entry in sorted(os.scandir(self.tmp), key=lambda e: e.name):
+                os.replace(entry.path, self.path / entry.name)
+            self.tmp.rmdir()
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"{self.path}: cannot move the frames into place ({err.strerror})") from None
+
+
+def write_png(path: Path, frame_bgr: np.ndarray, final: Path | None = None) -> None:
+    """Lossless PNG of a BGR frame (RGB in the file), written atomically; errors name `final` when given."""
     import cv2
 
     ok, buf = cv2.imencode(".png", frame_bgr)
@@ -160,4 +241,4 @@ def write_png(path: Path, frame_bgr: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
+        raise OutputError(f"{final or path}: cannot write ({exc.strerror})") from None
