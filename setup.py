@@ -26,6 +26,7 @@ setup(
         "coreml": ["coremltools>=8.0"],
         "gpu": ["triton>=3.0"],
         "serve": ["aiohttp>=3.9"],
+        "compare": ["scikit-image>=0.19"],                 # SSIM in `python -m lipsync_trt compare`
         "dev": [
             "pytest>=8",
             "librosa>=0.10",
@@ -33,6 +34,7 @@ setup(
             "onnxruntime>=1.18",
             "aiohttp>=3.9",
             "matplotlib>=3.7",
+            "scikit-image>=0.19",
             "playwright>=1.40",                            # browser-client test, with the system chromium
             "coremltools>=8.0; platform_system != 'Windows'",   # Core ML conversion round trip (runs on Linux)
             "triton>=3.0; platform_system == 'Linux'",   # kernel tests run under TRITON_INTERPRET=1 on CPU

@@ -10,6 +10,7 @@ import torch
 from . import audio as A
 from . import avatar as avatar_mod
 from . import backends
+from . import compose
 from . import pipeline
 from . import recipe as R
 
@@ -18,8 +19,9 @@ class LipSync:
     """A loaded avatar + backend. Frames are uint8 (H, W, 3) in BGR order (OpenCV's); use [..., ::-1] for RGB."""
 
     def __init__(self, avatar: avatar_mod.Avatar, runner: backends.Runner, batch_size: int | None = None,
-                 start_frame: int = 0):
+                 start_frame: int = 0, blend: str = "none"):
         self.avatar = avatar
+        self.feather = compose.parse_blend(blend)   # default edge blend in pixels (0: the reference's hard paste)
         self.runner = runner
         self.batch_size = batch_size or pipeline.default_batch_size(runner)
         self.start_frame = start_frame
@@ -30,25 +32,29 @@ class LipSync:
         return pipeline.encode_features(self.runner, _to_16k(audio, rate))
 
     def frames(self, audio: str | os.PathLike | np.ndarray, rate: int | None = None,
-               frames: str | list[int] | None = None, as_tensor: bool = False
+               frames: str | list[int] | None = None, as_tensor: bool = False, blend: str | None = None
                ) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
         """Yield (video frame index, frame) for the audio: BGR uint8 (H, W, 3) numpy arrays, or torch tensors on
-        the backend's device with as_tensor=True. `frames` picks indices ('0-99,120' or a list)."""
+        the backend's device with as_tensor=True. `frames` picks indices ('0-99,120' or a list); `blend`
+        ('none', 'feather', 'feather:PX') overrides the one given to `load` for this call."""
+        feather = self.feather if blend is None else compose.parse_blend(blend)
         feats = self.features(audio, rate)
         indices = None
         if frames is not None:
             spec = frames if isinstance(frames, str) else ",".join(map(str, frames))
             indices = pipeline.parse_frames(spec, feats.num_frames)
         for i, frame in pipeline.iter_frames(self.runner, self.avatar, feats, indices, self.start_frame,
-                                             self.batch_size):
+                                             self.batch_size, feather=feather):
             yield i, (frame if as_tensor else frame.cpu().numpy())
 
     def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
                  rate: int | None = None, frames_dir: str | os.PathLike | None = None,
                  frames: str | list[int] | None = None, crf: int = R.DEFAULT_CRF, codec: str = "libx264",
                  preset: str = R.DEFAULT_PRESET,
-                 progress: bool = False) -> pipeline.Summary:
-        """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary."""
+                 progress: bool = False, blend: str | None = None) -> pipeline.Summary:
+        """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary.
+        `blend` overrides the one given to `load` for this call."""
+        feather = self.feather if blend is None else compose.parse_blend(blend)
         if isinstance(audio, (str, os.PathLike)):
             samples, rate, source = *A.load(audio), str(audio)
         else:
@@ -57,7 +63,8 @@ class LipSync:
             samples, source = np.asarray(audio, dtype=np.float32), "audio array"
         return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
                                  frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
-                                 crf=crf, codec=codec, preset=preset, progress=progress, source=source)
+                                 crf=crf, codec=codec, preset=preset, progress=progress, source=source,
+                                 feather=feather)
 
 
 def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarray:
@@ -70,8 +77,10 @@ def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarr
 
 def load(avatar: str | os.PathLike, generator: str | os.PathLike, audio_encoder: str | os.PathLike,
          backend: str = "auto", device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
-         start_frame: int = 0, **options) -> LipSync:
-    """Validate the avatar folder, load both checkpoints into the chosen backend, and return a LipSync."""
+         start_frame: int = 0, blend: str = "none", **options) -> LipSync:
+    """Validate the avatar folder, load both checkpoints into the chosen backend, and return a LipSync.
+    `blend`: 'none' (the reference's hard paste), 'feather' or 'feather:PX' (box edge blended over PX pixels)."""
+    compose.parse_blend(blend)   # a bad value fails before the checkpoints load
     av = avatar_mod.load(avatar)
     runner = backends.load(backend, generator, audio_encoder, device=device, precision=precision, **options)
-    return LipSync(av, runner, batch_size=batch_size, start_frame=start_frame)
+    return LipSync(av, runner, batch_size=batch_size, start_frame=start_frame, blend=blend)

@@ -18,3 +18,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", metavar="DIR", default=None,
                    help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
                         "TensorRT, the cache folder for ONNX Runtime; built there when missing)")
+
+
+def add_blend_arg(p: argparse.ArgumentParser) -> None:
+    """--blend: how the generated box meets the template frame (compose.parse_blend checks the value)."""
+    from .compose import DEFAULT_FEATHER
+
+    p.add_argument("--blend", default="none", metavar="none|feather[:PX]",
+                   help="none (default): paste the generated box as the reference does, with a hard edge; "
+                        f"feather[:PX]: fade it into the template frame over PX pixels inside the box edge (default "
+                        f"{DEFAULT_FEATHER}; raised cosine), which hides the seam; outside the box and deeper than PX "
+                        "inside it the pixels are the same as with none")

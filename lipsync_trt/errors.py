@@ -27,3 +27,7 @@ class OutputError(LipsyncError):
 
 class UsageError(LipsyncError):
     """Command-line arguments that contradict each other or are out of range."""
+
+
+class CompareError(LipsyncError):
+    """Two clips that `compare` cannot compare: unreadable, of different lengths or frame sizes, or no SSIM library."""

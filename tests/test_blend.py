@@ -187,3 +187,36 @@ def test_seam_on_sanders(sanders, torch_runner):
           f"none {p_none.max():.2f} (at {p_none.argmax()} px), feather:{px} {p_fea.max():.2f}")
     assert p_fea[0] == pytest.approx(p_t[0])          # across the edge itself: the template's own step
     assert p_fea.max() < p_none.max()
+
+
+def test_api_blend_and_override(demo, torch_runner):
+    """LipSync(blend=...) feathers every frame, a per-call blend= overrides it; outside the boxes nothing changes,
+    the boxes' outermost pixels are the template's."""
+    from lipsync_trt import avatar as avatar_mod
+    from lipsync_trt.api import LipSync
+
+    av = avatar_mod.load(demo["avatar"])
+    ls = LipSync(av, torch_runner, blend="feather:6")
+    fea = dict(ls.frames(demo["audio"], frames=[0, 1]))
+    none = dict(ls.frames(demo["audio"], frames=[0, 1], blend="none"))
+    order = av.order(2)
+    for i in (0, 1):
+        x1, y1, x2, y2 = (int(v) for v in av.boxes[order[i]])
+        template = av.frame(int(order[i]))
+        outside = np.ones(template.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(fea[i][outside], none[i][outside])
+        assert np.array_equal(fea[i][y1, x1:x2], template[y1, x1:x2])
+        assert np.array_equal(fea[i][y1 + 6:y2 - 6, x1 + 6:x2 - 6], none[i][y1 + 6:y2 - 6, x1 + 6:x2 - 6])
+        assert not np.array_equal(fea[i], none[i])
+    with pytest.raises(UsageError, match="--blend"):
+        LipSync(av, torch_runner, blend="soft")
+
+
+def test_cli_bad_blend_exits_2(tmp_path, capsys):
+    from lipsync_trt.__main__ import main
+
+    rc = main(["generate", "--avatar", str(tmp_path), "--audio", str(tmp_path / "a.wav"), "--generator", "g.pth",
+               "--audio-encoder", "a.pth", "--blend", "feather:0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--blend" in err and "feather:0" in err
