@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,40 +23,71 @@ LANDMARKS_DIR = "landmarks"
 _NUMBERED = re.compile(r"^(0|[1-9][0-9]*)\.(jpg|lms)$")
 
 
-def jpeg_size(path: Path) -> tuple[int, int]:
-    """(height, width) from a JPEG's SOF marker without decoding it; AvatarError when it is not a JPEG."""
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_SEGMENTS = frozenset(range(0xC0, 0xD0)) | {0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xFE} | frozenset(range(0xE0, 0xF0))
+
+
+def check_jpeg(data: bytes, path: Path) -> tuple[int, int]:
+    """(height, width) of a JPEG after checking its whole byte structure: every marker segment inside the file,
+    entropy-coded data holding only stuffed 0xFF00 bytes and restart markers, and an end-of-image marker.
+    libjpeg decodes a truncated file, or foreign bytes in the scan data, with only a warning on stderr that OpenCV
+    cannot report; this finds them (damage that keeps a valid byte structure can still pass)."""
+    if data[:2] != b"\xff\xd8":
+        raise AvatarError(f"{path}: not a JPEG file (no SOI marker)")
+    arr = np.frombuffer(data, np.uint8)
+    n, pos, size, scans = len(data), 2, None, 0
+    while True:
+        if pos + 2 > n:
+            raise AvatarError(f"{path}: truncated JPEG (ends at byte {n} without an end-of-image marker)")
+        if data[pos] != 0xFF:
+            raise AvatarError(f"{path}: corrupt JPEG (no marker at byte {pos})")
+        marker = data[pos + 1]
+        if marker == 0xFF:                      # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:                      # end of image
+            break
+        if marker not in _SEGMENTS:
+            raise AvatarError(f"{path}: corrupt JPEG (unexpected marker 0x{marker:02X} at byte {pos})")
+        if pos + 4 > n:
+            raise AvatarError(f"{path}: truncated JPEG (inside a marker segment at byte {pos})")
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if end > n or end < pos + 4:
+            raise AvatarError(f"{path}: truncated JPEG (marker 0x{marker:02X} segment runs past the end)")
+        if marker in _SOF:
+            if end < pos + 9:
+                raise AvatarError(f"{path}: corrupt JPEG frame header")
+            h, w = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            if h == 0 or w == 0:
+                raise AvatarError(f"{path}: JPEG with zero size {w}x{h}")
+            size = (h, w)
+        pos = end
+        if marker == 0xDA:                      # scan: entropy-coded data up to the next real marker
+            scans += 1
+            ff = np.flatnonzero(arr[pos:n - 1] == 0xFF) + pos
+            after = arr[ff + 1]
+            real = np.flatnonzero((after != 0x00) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7)))
+            if not len(real):
+                raise AvatarError(f"{path}: truncated JPEG (scan data runs to the end of the file, no end-of-image "
+                                  f"marker)")
+            pos = int(ff[real[0]])
+    if size is None or not scans:
+        raise AvatarError(f"{path}: corrupt JPEG (no {'frame header' if size is None else 'scan'} before the end)")
+    return size
+
+
+def read_jpeg(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """A JPEG file's bytes and (height, width), checked by `check_jpeg`; AvatarError naming the file otherwise."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 16)
-            if data[:2] != b"\xff\xd8":
-                raise AvatarError(f"{path}: not a JPEG file (no SOI marker)")
-            pos = 2
-            while True:
-                while pos + 4 > len(data):
-                    more = f.read(1 << 16)
-                    if not more:
-                        raise AvatarError(f"{path}: truncated JPEG (no frame header found)")
-                    data += more
-                if data[pos] != 0xFF:
-                    raise AvatarError(f"{path}: corrupt JPEG (bad marker at byte {pos})")
-                marker = data[pos + 1]
-                if marker == 0xFF:
-                    pos += 1
-                    continue
-                length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-                if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                    while pos + 9 > len(data):
-                        more = f.read(1 << 16)
-                        if not more:
-                            raise AvatarError(f"{path}: truncated JPEG frame header")
-                        data += more
-                    h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
-                    if h == 0 or w == 0:
-                        raise AvatarError(f"{path}: JPEG with zero size {w}x{h}")
-                    return h, w
-                pos += 2 + length
+        data = path.read_bytes()
     except OSError as exc:
         raise AvatarError(f"{path}: cannot read frame ({exc.strerror})") from None
+    return data, check_jpeg(data, path)
+
+
+def jpeg_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a JPEG file whose whole structure is sound (`check_jpeg`)."""
+    return read_jpeg(path)[1]
 
 
 def read_landmarks(path: Path) -> np.ndarray:
@@ -102,9 +132,7 @@ def frame_order(num_frames: int, count: int, start: int = 0) -> np.ndarray:
     m = count - start
     if m < 2:
         raise AvatarError(f"start frame {start} leaves {m} template frame(s) of {count}; at least 2 are needed")
-    period = 2 * (m - 1)
-    p = (np.arange(num_frames, dtype=np.int64) + 1) % period
-    return start + np.where(p <= m - 1, p, period - p)
+    return R.template_of(np.arange(num_frames, dtype=np.int64), count, start)
 
 
 @dataclass
@@ -191,10 +219,56 @@ class TemplateCache:
                 torch.stack([self.crops[t] for t in ids]), [self.avatar.boxes[t] for t in ids])
 
 
+class TemplateCrops:
+    """The 328x328 uint8 crop of each template (RECIPE §6), kept on one device in an LRU of `size` templates (None:
+    all). Both generator inputs (`compose.generator_inputs`) and the paste derive from the crop, so a template costs
+    one JPEG decode and one resize at its first use. Thread-safe: the streaming core and the server share one."""
+
+    def __init__(self, avatar: "Avatar", device, size: int | None = None):
+        import torch
+
+        self.avatar, self.device, self.size = avatar, torch.device(device), size
+        self._crops: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0
+
+    @staticmethod
+    def nbytes(templates: int) -> int:
+        """Memory of `templates` cached crops."""
+        return templates * R.CROP_SIZE ** 2 * 3
+
+    def get(self, ids: list[int]):
+        """(crops (B, 328, 328, 3) uint8 on the device, boxes [(x1, y1, x2, y2)]) for template ids."""
+        import torch
+
+        from . import compose
+
+        out = []
+        for t in ids:
+            with self._lock:
+                crop = self._crops.get(t)
+                if crop is not None:
+                    self._crops.move_to_end(t)
+            if crop is None:
+                x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[t])
+                region = torch.from_numpy(self.avatar.frame(t)[y1:y2, x1:x2].copy()).to(self.device)
+                crop = compose.prepare([region], [(0, 0, x2 - x1, y2 - y1)])[1][0]
+                with self._lock:
+                    self.misses += 1
+                    self._crops[t] = crop
+                    while self.size is not None and len(self._crops) > self.size:
+                        self._crops.popitem(last=False)
+            out.append(crop)
+        return torch.stack(out), [tuple(int(v) for v in self.avatar.boxes[t]) for t in ids]
+
+
 def decode(path: Path, height: int, width: int) -> np.ndarray:
+    """Template frame as uint8 (H, W, 3) BGR, with OpenCV as the reference decodes it, after `check_jpeg` (so a
+    frame damaged since `load` fails here with AvatarError instead of rendering libjpeg's best guess)."""
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    data, _ = read_jpeg(path)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise AvatarError(f"{path}: cannot decode JPEG")
     if img.shape[:2] != (height, width):
