@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -13,6 +14,8 @@ from . import backends
 from . import compose
 from . import pipeline
 from . import recipe as R
+from .batcher import Batcher
+from .stream import Stream
 
 
 class LipSync:
@@ -26,6 +29,9 @@ class LipSync:
         self.batch_size = batch_size or pipeline.default_batch_size(runner)
         self.start_frame = start_frame
         avatar.order(2, start_frame)   # validate now, not at the first clip
+        self._lock = threading.Lock()
+        self._templates: avatar_mod.TemplateCrops | None = None
+        self._batcher: Batcher | None = None
 
     def features(self, audio: str | os.PathLike | np.ndarray, rate: int | None = None) -> pipeline.Features:
         """Mel and audio-encoder features of a WAV path or a sample array (with its rate)."""
@@ -44,8 +50,35 @@ class LipSync:
             spec = frames if isinstance(frames, str) else ",".join(map(str, frames))
             indices = pipeline.parse_frames(spec, feats.num_frames)
         for i, frame in pipeline.iter_frames(self.runner, self.avatar, feats, indices, self.start_frame,
-                                             self.batch_size, feather=feather):
+                                             self.batch_size, feather=feather, tune_threads=False):
             yield i, (frame if as_tensor else frame.cpu().numpy())
+
+    def stream(self, rate: int = R.SAMPLE_RATE, mouths: bool = False, as_tensor: bool = False,
+               start_frame: int | None = None, batcher: Batcher | None = None) -> Stream:
+        """A live stream, for audio that arrives in pieces (TTS, a call): `push(chunk)` returns every frame the chunk
+        made ready, `close()` the last ones; a context manager. Chunks are 1-D float32 in [-1, 1] or int16 at
+        `rate`, any length. Frames are (i, frame) as `frames()` yields them, or (i, box, mouth crop) with
+        mouths=True (what the server sends). Streams share this LipSync's `batcher` (or the one given), so streams
+        pushed from several threads share generator calls."""
+        start = self.start_frame if start_frame is None else start_frame
+        return Stream(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, mouths=mouths,
+                      as_tensor=as_tensor, start_frame=start)
+
+    @property
+    def templates(self) -> avatar_mod.TemplateCrops:
+        """The prepared-template cache of this avatar on the backend's device (shared by its streams)."""
+        with self._lock:
+            if self._templates is None:
+                self._templates = avatar_mod.TemplateCrops(self.avatar, self.runner.device)
+            return self._templates
+
+    @property
+    def batcher(self) -> Batcher:
+        """The model worker this LipSync's streams share (max batch = batch_size), started on first use."""
+        with self._lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self.runner, max_batch=self.batch_size)
+            return self._batcher
 
     def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
                  rate: int | None = None, frames_dir: str | os.PathLike | None = None,

@@ -170,26 +170,38 @@ def _paste(prepared, pred: torch.Tensor, feather: int = 0) -> list[torch.Tensor]
     return compose.paste(frames, crops, pred, boxes, feather=feather)
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED: tuple[int, int] = (0, 0)
+
+
 @contextlib.contextmanager
 def helper_threads(runner: Runner) -> Iterator[None]:
     """While frames render on the CPU, run OpenCV single-threaded, and torch's helper ops too when the networks
     run in another runtime's pool (ONNX Runtime): spinning helper pools otherwise take the cores from the model
-    (2-core CPU: onnxruntime's generator 60 -> 45 ms/frame, see docs/BENCHMARKS.md). Both counts are
-    process-wide and restored on exit."""
+    (docs/BENCHMARKS.md). Both counts are process-wide, so concurrent users share one saved value: the first
+    one in saves them, the last one out restores them."""
+    global _THREADS_USERS, _THREADS_SAVED
     if runner.device.type != "cpu":
         yield
         return
     import cv2
 
-    saved_cv, saved_torch = cv2.getNumThreads(), torch.get_num_threads()
-    cv2.setNumThreads(1)
-    if runner.own_cpu_pool:
-        torch.set_num_threads(1)
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = cv2.getNumThreads(), torch.get_num_threads()
+        _THREADS_USERS += 1
+        cv2.setNumThreads(1)
+        if runner.own_cpu_pool:
+            torch.set_num_threads(1)
     try:
         yield
     finally:
-        cv2.setNumThreads(saved_cv)
-        torch.set_num_threads(saved_torch)
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                cv2.setNumThreads(_THREADS_SAVED[0])
+                torch.set_num_threads(_THREADS_SAVED[1])
 
 
 def yield_to_model(runner: Runner) -> None:
@@ -246,16 +258,18 @@ def in_background(fn: Callable[[object], None], setup: Callable[[], None] | None
 
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
                 start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
-                cache: bool | None = None, feather: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+                cache: bool | None = None, feather: int = 0, tune_threads: bool = True
+                ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (video frame index, composited frame (H, W, 3) uint8 BGR torch tensor) in ascending order.
     `feather` > 0 blends each box's edge into the template over that many pixels (`compose.parse_blend`).
 
     Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
     three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
     `cache`: keep decoded + prepared templates on the device (see `use_template_cache`; None = decide).
-    On the CPU, helper thread counts are lowered until the iterator finishes or is closed (`helper_threads`).
+    On the CPU, with `tune_threads`, helper thread counts are lowered until the iterator finishes or is closed
+    (`helper_threads`); the public `LipSync.frames` leaves them alone, since its caller decides how long it lives.
     """
-    with helper_threads(runner):
+    with helper_threads(runner) if tune_threads else contextlib.nullcontext():
         yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache, feather)
 
 

@@ -134,3 +134,77 @@ def test_generate_to_mp4_leaves_no_file_when_the_sink_fails(demo, torch_runner, 
     with pytest.raises(OutputError, match="disk full"):
         pipeline.generate(torch_runner, AV.load(demo["avatar"]), samples, rate, out=out, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- the embedding process's settings (#13)
+
+@pytest.fixture()
+def thread_counts():
+    """cv2 and torch thread counts set to 2 for the test (the embedding process's own choice), restored after."""
+    import cv2
+    import torch
+
+    saved = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(2)
+    torch.set_num_threads(2)
+    yield lambda: (cv2.getNumThreads(), torch.get_num_threads())
+    cv2.setNumThreads(saved[0])
+    torch.set_num_threads(saved[1])
+
+
+@pytest.fixture(scope="module")
+def ort_setup(demo, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from lipsync_trt import audio as A
+    from lipsync_trt import avatar as AV
+    from lipsync_trt import backends
+
+    runner = backends.load("onnxruntime", demo["generator"], demo["audio_encoder"], device="cpu",
+                           engines=tmp_path_factory.mktemp("engines"))
+    return runner, AV.load(demo["avatar"]), pipeline.encode_features(runner, A.load_16k(demo["audio"]))
+
+
+def test_overlapping_renders_restore_the_settings_of_before(ort_setup, thread_counts):
+    runner, av, feats = ort_setup
+    first = pipeline.iter_frames(runner, av, feats, [0, 1, 2], batch_size=1)
+    next(first)
+    second = pipeline.iter_frames(runner, av, feats, [0, 1, 2], batch_size=1)
+    next(second)
+    assert thread_counts() == (1, 1)
+    first.close()
+    assert thread_counts() == (1, 1), "the other render still runs"
+    second.close()
+    assert thread_counts() == (2, 2)
+
+
+def test_concurrent_generate_calls_restore_the_settings(ort_setup, thread_counts, tmp_path, demo):
+    import soundfile as sf
+
+    runner, av, _ = ort_setup
+    samples, rate = sf.read(demo["audio"], dtype="float32")
+    results: list = []
+    threads = [threading.Thread(target=lambda k=k: results.append(
+        pipeline.generate(runner, av, samples, rate, out=tmp_path / f"{k}.mp4", progress=False))) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and all(r.frames > 0 for r in results)
+    assert thread_counts() == (2, 2)
+
+
+def test_public_frames_leave_the_process_alone(demo, thread_counts):
+    import lipsync_trt
+
+    ls = lipsync_trt.load(demo["avatar"], demo["generator"], demo["audio_encoder"], backend="torch", device="cpu")
+    base = threading.active_count()
+    seen = {thread_counts() for _ in ls.frames(demo["audio"], frames="0-3")}
+    assert seen == {(2, 2)}
+    it = ls.frames(demo["audio"])
+    next(it)
+    assert thread_counts() == (2, 2) and threading.active_count() > base   # its workers run while it lives
+    it.close()                                                             # stopped early: its threads end
+    assert threading.active_count() == base
+    for _ in ls.frames(demo["audio"]):
+        break
+    assert threading.active_count() == base
