@@ -44,6 +44,8 @@ CASES = {
     "short wav": (lambda t: {"--audio": write_wav(t / "short.wav", np.zeros(2000, np.float32))}, r"short\.wav: too short"),
     "nan wav": (lambda t: {"--audio": write_wav(t / "nan.wav", np.r_[np.zeros(8000), np.nan].astype(np.float32))},
                 r"nan\.wav: 1 samples are NaN or infinite"),
+    "huge samples wav": (lambda t: {"--audio": write_wav(t / "huge.wav", np.r_[np.zeros(8000), 3e38, -3e38].astype(np.float32))},
+                         r"huge\.wav: 2 samples exceed \+-64"),
     "missing landmarks": (lambda t: (t / "avatar" / "landmarks" / "3.lms").unlink() or {},
                           r"3\.lms: missing landmarks for frame 3"),
     "malformed landmarks": (lambda t: (t / "avatar" / "landmarks" / "2.lms").write_text("1 2\n" * 50) and {},
@@ -91,3 +93,28 @@ def test_real_process_exit_code_and_no_traceback(job):
 def test_missing_required_inputs_name_the_flags(capsys):
     assert main(["generate", "--audio", "x.wav"]) == 2
     assert "--avatar, --generator, --audio-encoder" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when unpickled (it would create `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_checkpoint_is_refused_in_one_line_without_running_it(job, capsys):
+    import torch
+
+    args, out_dir, tmp = job
+    marker = tmp / "PWNED"
+    torch.save({"inc.inconv.0.conv.0.weight": _Payload(marker)}, tmp / "evil.pth")
+    args["--generator"] = tmp / "evil.pth"
+    code, err = run(args, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "evil.pth: not a plain state_dict" in err and "will not be unpickled" in err
+    assert "weights_only" not in err      # no advice to load it unsafely
+    assert not marker.exists() and list(out_dir.iterdir()) == []

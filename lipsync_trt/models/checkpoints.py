@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -21,7 +23,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
+    except pickle.UnpicklingError as exc:   # weights_only refused a Python object: never offer to unpickle it
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" such as {found.group(1)}" if found else ""
+        raise CheckpointError(f"{path}: not a plain state_dict: it holds pickled Python objects{what}, and it will "
+                              f"not be unpickled (that could run code from the file)") from None
+    except Exception as exc:  # zip and format errors mean "not a usable checkpoint"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({first[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
