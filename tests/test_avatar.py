@@ -8,26 +8,14 @@ import numpy as np
 import pytest
 
 from lipsync_trt import avatar as AV
+from lipsync_trt.bench import reference
 from lipsync_trt.demo import landmarks_for, make_avatar
 from lipsync_trt.errors import AvatarError
 
 
-def reference_order(count: int, n: int) -> list[int]:
-    """inference_328.py's img_idx/step loop (RECIPE §4)."""
-    len_img, img_idx, step, out = count - 1, 0, 0, []
-    for _ in range(n):
-        if img_idx > len_img - 1:
-            step = -1
-        if img_idx < 1:
-            step = 1
-        img_idx += step
-        out.append(img_idx)
-    return out
-
-
 @pytest.mark.parametrize("count", [2, 3, 7, 523])
 def test_frame_order_matches_reference_loop(count):
-    assert AV.frame_order(3 * count + 5, count).tolist() == reference_order(count, 3 * count + 5)
+    assert AV.frame_order(3 * count + 5, count).tolist() == reference.frame_order(count, 3 * count + 5)
 
 
 def test_start_frame_runs_the_ping_pong_over_the_tail():

@@ -1,6 +1,7 @@
 """The benchmark harness: `--demo --quick` end to end in a subprocess (what CI runs), plus its pure helpers."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -9,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 from lipsync_trt import audio as A
-from lipsync_trt import bench
+from lipsync_trt.bench import reference
+from lipsync_trt.bench.cli import parse_args
+from lipsync_trt.bench.inputs import frames_for_samples
+from lipsync_trt.bench.measure import summarize
+from lipsync_trt.bench.report import check_report, compare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +36,7 @@ def test_demo_quick_completes_with_complete_json(quick_run):
     proc, out, seconds = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "quick.json").read_text())
-    assert bench.check_report(report) == [], bench.check_report(report)
+    assert check_report(report) == [], check_report(report)
     keys = set(report["results"])
     assert "baseline/cpu/fp32/b1" in keys
     assert "torch/cpu/fp32/b1" in keys, (keys, report["skipped"])
@@ -61,7 +68,7 @@ def test_compare_against_itself(quick_run):
     proc, out, _ = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "quick.json").read_text())
-    text, rows = bench.compare(report, report)
+    text, rows = compare(report, report)
     assert rows and all(abs(r["improvement"]) < 1e-9 for r in rows)
     assert "+0.0%" in text
 
@@ -69,24 +76,48 @@ def test_compare_against_itself(quick_run):
 def test_frames_for_samples_matches_the_recipe():
     for n in (3000, 3199, 3200, 12345, 718147):
         t = 1 + n // 200
-        assert bench.frames_for_samples(n) == A.num_windows(t) + 2
-    assert bench.frames_for_samples(2999) == 0
+        assert frames_for_samples(n) == A.num_windows(t) + 2
+    assert frames_for_samples(2999) == 0
 
 
 def test_summarize_and_check_report():
-    s = bench.summarize([3.0, 1.0, 2.0])
+    s = summarize([3.0, 1.0, 2.0])
     assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0 and s["n"] == 3
-    assert bench.summarize([])["n"] == 0
-    problems = bench.check_report({"results": {"x": {"samples": {"e2e_memory_fps": [0.0]}}}})
+    assert summarize([])["n"] == 0
+    problems = check_report({"results": {"x": {"samples": {"e2e_memory_fps": [0.0]}}}})
     assert any("missing machine" in p for p in problems)
     assert any("non-positive e2e_memory_fps" in p for p in problems)
     assert any("no samples of generator_fps" in p for p in problems)
 
 
 def test_quick_defaults():
-    args = bench.parse_args(["--demo", "--quick"])
+    args = parse_args(["--demo", "--quick"])
     assert (args.frames, args.repeat, args.warmup) == (1, 2, 0)
-    args = bench.parse_args(["--demo"])
+    args = parse_args(["--demo"])
     assert (args.frames, args.repeat, args.warmup) == (32, 3, 1)
     with pytest.raises(SystemExit):
-        bench.parse_args(["--demo", "--frames", "0"])
+        parse_args(["--demo", "--frames", "0"])
+
+
+def test_reference_imports_nothing_of_the_package():
+    """The baseline is also the tests' oracle: it may use the reference's tools, never lipsync_trt's own code."""
+    allowed = {"__future__", "time", "collections", "pathlib", "cv2", "numpy", "torch", "librosa"}
+    for node in ast.walk(ast.parse(Path(reference.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module.split(".")[0] in allowed, ast.unparse(node)
+        elif isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] in allowed for a in node.names), ast.unparse(node)
+
+
+def test_reference_steps_follow_the_recipe_text():
+    # RECIPE §4: 1, 2, ..., count-1, count-2, ..., 0, 1, ...
+    assert reference.frame_order(4, 9) == [1, 2, 3, 2, 1, 0, 1, 2, 3]
+    # RECIPE §3: rows [i-8, i+8) of the padded features, zeros outside
+    padded = np.arange(10 * 512, dtype=np.float32).reshape(10, 512) + 1
+    w = reference.feature_window(padded, 2).reshape(16, 512)
+    assert not w[:6].any() and np.array_equal(w[6:], padded[:10])
+    # RECIPE §5: xmin = lm[1].x, ymin = lm[52].y, xmax = lm[31].x, ymax = ymin + width
+    lms = np.zeros((110, 2), np.int32)
+    lms[1, 0], lms[52, 1], lms[31, 0] = 10, 20, 50
+    assert reference.face_box(lms) == (10, 20, 50, 60)
+

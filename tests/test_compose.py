@@ -1,4 +1,4 @@
-"""Compositing (RECIPE §6-7) vs an OpenCV implementation of the reference's steps, on real sanders frames."""
+"""Compositing (RECIPE §6-7) vs the reference's OpenCV steps (lipsync_trt.bench.reference), on real sanders frames."""
 from __future__ import annotations
 
 import cv2
@@ -8,30 +8,12 @@ import torch
 
 from lipsync_trt import avatar as AV
 from lipsync_trt import compose
+from lipsync_trt.bench import reference
 
 
-def cv2_prepare(img: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
-    """inference_328.py: crop, resize to 328 (INTER_CUBIC), inner 320, masked copy, /255, CHW, concat."""
-    x1, y1, x2, y2 = box
-    crop = img[y1:y2, x1:x2]
-    crop = cv2.resize(crop, (328, 328), interpolation=cv2.INTER_CUBIC)
-    crop_ori = crop.copy()
-    real = crop[4:324, 4:324].copy()
-    masked = cv2.rectangle(real.copy(), (5, 5, 310, 305), (0, 0, 0), -1)
-    real_t = real.transpose(2, 0, 1).astype(np.float32) / 255.0
-    masked_t = masked.transpose(2, 0, 1).astype(np.float32) / 255.0
-    return np.concatenate([real_t, masked_t], axis=0), crop_ori
-
-
-def cv2_paste(img: np.ndarray, crop_ori: np.ndarray, pred: np.ndarray, box) -> np.ndarray:
-    x1, y1, x2, y2 = box
-    h, w = y2 - y1, x2 - x1
-    pred = np.array(pred.transpose(1, 2, 0) * 255, dtype=np.uint8)
-    crop_ori = crop_ori.copy()
-    crop_ori[4:324, 4:324] = pred
-    out = img.copy()
-    out[y1:y2, x1:x2] = cv2.resize(crop_ori, (w, h), interpolation=cv2.INTER_CUBIC)
-    return out
+def reference_paste(img: np.ndarray, crop_ori: np.ndarray, pred: np.ndarray, box) -> np.ndarray:
+    """The reference's paste into copies (it writes into both)."""
+    return reference.paste(img.copy(), crop_ori.copy(), pred, box)
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
@@ -67,7 +49,7 @@ def test_prepare_matches_opencv_on_sanders(frames, impl):
     inputs, crops = compose.prepare([torch.from_numpy(f) for f in imgs], boxes, impl=impl)
     assert inputs.shape == (len(ids), 6, 320, 320) and inputs.dtype == torch.float32
     for k, (img, box) in enumerate(zip(imgs, boxes)):
-        ref_in, ref_crop = cv2_prepare(img, box)
+        ref_in, ref_crop = reference.prepare(img, box)
         frac, worst = agreement(crops[k].numpy(), ref_crop)
         assert worst <= 1 and frac >= 0.999
         diff = np.abs(inputs[k].numpy() - ref_in)
@@ -82,11 +64,11 @@ def test_paste_matches_opencv_on_sanders(frames, impl):
     boxes = [av.boxes[i] for i in ids]
     torch.manual_seed(0)
     pred = torch.rand(len(ids), 3, 320, 320)       # the model output, held fixed
-    _, ref_crops = zip(*[cv2_prepare(img, b) for img, b in zip(imgs, boxes)])
+    _, ref_crops = zip(*[reference.prepare(img, b) for img, b in zip(imgs, boxes)])
     ours = [torch.from_numpy(f.copy()) for f in imgs]
     compose.paste(ours, torch.from_numpy(np.stack(ref_crops)), pred, boxes, impl=impl)
     for k, (img, box) in enumerate(zip(imgs, boxes)):
-        ref = cv2_paste(img, ref_crops[k], pred[k].numpy(), box)
+        ref = reference_paste(img, ref_crops[k], pred[k].numpy(), box)
         frac, worst = agreement(ours[k].numpy(), ref)
         assert worst <= 1 and frac >= 0.999
         x1, y1, x2, y2 = box
@@ -112,10 +94,10 @@ def test_mouths_are_the_pasted_regions(frames, impl):
     boxes = [av.boxes[i] for i in ids]
     torch.manual_seed(1)
     pred = torch.rand(len(ids), 3, 320, 320)
-    _, ref_crops = zip(*[cv2_prepare(img, b) for img, b in zip(imgs, boxes)])
+    _, ref_crops = zip(*[reference.prepare(img, b) for img, b in zip(imgs, boxes)])
     got = compose.mouths(torch.from_numpy(np.stack(ref_crops)), pred, boxes, impl=impl)
     for k, (img, box) in enumerate(zip(imgs, boxes)):
         x1, y1, x2, y2 = box
-        ref = cv2_paste(img, ref_crops[k], pred[k].numpy(), box)[y1:y2, x1:x2]
+        ref = reference_paste(img, ref_crops[k], pred[k].numpy(), box)[y1:y2, x1:x2]
         frac, worst = agreement(got[k].numpy(), ref)
         assert got[k].shape == ref.shape and worst <= 1 and frac >= 0.999

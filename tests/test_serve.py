@@ -25,6 +25,7 @@ cv2 = pytest.importorskip("cv2")
 from lipsync_trt import api, backends, pipeline  # noqa: E402
 from lipsync_trt import audio as A  # noqa: E402
 from lipsync_trt import avatar as AV  # noqa: E402
+from lipsync_trt.bench import reference  # noqa: E402
 from lipsync_trt.demo import demo_checkpoints, make_speech  # noqa: E402
 from lipsync_trt.serve import client as C  # noqa: E402
 from lipsync_trt.serve import protocol as P  # noqa: E402
@@ -34,7 +35,6 @@ from lipsync_trt.serve.server import ServeConfig, ServerThread  # noqa: E402
 from lipsync_trt.serve.session import ready_chunk  # noqa: E402
 
 from conftest import SANDERS  # noqa: E402
-from test_avatar import reference_order  # noqa: E402
 
 BACKEND = "onnxruntime" if backends.available()["onnxruntime"].usable else "torch"
 CHUNK = P.CHUNK_SAMPLES
@@ -119,9 +119,7 @@ def recipe_boxes(root: str) -> tuple[np.ndarray, int, int]:
     h, w = cv2.imread(str(root / "full_body_img" / "0.jpg")).shape[:2]
     boxes = []
     for n in range(count):
-        pts = np.loadtxt(root / "landmarks" / f"{n}.lms").astype(np.int32)
-        x1, y1, x2 = int(pts[1, 0]), int(pts[52, 1]), int(pts[31, 0])
-        y2 = y1 + (x2 - x1)
+        x1, y1, x2, y2 = reference.face_box(reference.read_landmarks(root / "landmarks" / f"{n}.lms"))
         boxes.append((max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)))
     return np.asarray(boxes), h, w
 
@@ -136,7 +134,7 @@ def check_frame(resp: P.Response, avatar_root, full: np.ndarray) -> float:
     """One status-0 response against the recipe's box and the offline frame; returns the mean abs difference."""
     boxes, h, w = recipe_boxes(str(avatar_root))
     i = resp.frame_id
-    template = reference_order(len(boxes), i + 1)[i]
+    template = reference.frame_order(len(boxes), i + 1)[i]
     x1, y1, x2, y2 = (float(v) for v in boxes[template])
     assert resp.box == (x1, y1, x2, y2), f"frame {i}: box {resp.box}, recipe box of template {template} is " \
                                          f"{(x1, y1, x2, y2)}"
@@ -171,7 +169,7 @@ def check_stream(res: C.StreamResult, model: str, avatar_root, audio24: np.ndarr
 
 def template_crop(avatar_root, i: int) -> np.ndarray:
     boxes, _, _ = recipe_boxes(str(avatar_root))
-    t = reference_order(len(boxes), i + 1)[i]
+    t = reference.frame_order(len(boxes), i + 1)[i]
     x1, y1, x2, y2 = boxes[t]
     return cv2.imread(str(Path(avatar_root) / "full_body_img" / f"{t}.jpg"))[y1:y2, x1:x2]
 
@@ -205,7 +203,7 @@ def test_real_speech_stream_equals_offline_generate(server, entries, sanders, or
     probe = [3, 17, 30, 44, 57]
     shifted = pipeline.render_batch(entries["sanders"].runner, entries["sanders"].avatar,
                                     A.feature_windows(feats.padded, [i + 1 for i in probe]),
-                                    [reference_order(len(boxes), i + 1)[i] for i in probe])
+                                    [reference.frame_order(len(boxes), i + 1)[i] for i in probe])
     for i, wrong in zip(probe, shifted):
         x1, y1, x2, y2 = (int(v) for v in res.frames[i].box)
         off = np.abs(mouth(res.frames[i]).astype(np.int16) - as_jpeg(wrong.numpy()[y1:y2, x1:x2])).mean()
@@ -234,7 +232,7 @@ def test_eight_concurrent_streams_nothing_lost_no_cross_talk(server, entries, de
     assert len(set(counts)) > 1                      # different lengths really ended at different frames
     # cross-talk would show: stream k's frames are not stream j's (their audio differs)
     boxes, _, _ = recipe_boxes(str(demo["avatar"]))
-    x1, y1, x2, y2 = boxes[reference_order(len(boxes), 6)[5]]
+    x1, y1, x2, y2 = boxes[reference.frame_order(len(boxes), 6)[5]]
     for j in range(1, 8):
         a, b = oracle("demo", audios[0])[5], oracle("demo", audios[j])[5]
         assert np.abs(a[y1:y2, x1:x2].astype(np.int16) - b[y1:y2, x1:x2]).mean() > 4 * MAX_MEAN_DIFF, j

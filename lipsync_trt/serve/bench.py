@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import json
-import os
 import re
 import subprocess
 import sys
@@ -35,16 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bench.machine import loadavg, machine
+from ..bench.measure import log
+from ..bench.report import write_json
 from .protocol import CHUNK_SAMPLES, HEADER, REUSED_FILE, STREAM_RATE, Status, encode_request
 from .session import ready_chunk
 
 SCHEMA = 1
 PACE = 0.040                      # seconds per chunk: real time
-SANDERS_HINT = "/work/shared/datasets/sanders"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -326,10 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not args.streams or min(args.streams) < 1:
             p.error("--streams: every K must be >= 1")
     if not args.demo and not args.avatar and not args.url:
-        if Path(SANDERS_HINT, "full_body_img").is_dir():
-            args.avatar = SANDERS_HINT
-        else:
-            p.error("give --avatar DIR, --demo or --url")
+        p.error("give --avatar DIR, --demo or --url")
     return args
 
 
@@ -377,8 +370,6 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from ..bench import _jsonable, machine
-
     args = parse_args(argv)
     if args.name is None:
         args.name = "demo" if args.demo else (Path(args.avatar).name if args.avatar else None)
@@ -444,12 +435,9 @@ def main(argv=None) -> int:
                               "note": "latency figures are beyond it: from the send of chunk ready_chunk(i)"},
         "results": results, "max_streams_keeping_up": max(kept) if kept else 0,
     }
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = loadavg()
     print(table(report))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    part = Path(str(args.json) + ".part")
-    part.write_text(json.dumps(_jsonable(report), indent=1))
-    os.replace(part, args.json)
+    write_json(report, args.json)
     log(f"wrote {args.json}")
     return 0
 
