@@ -1,4 +1,5 @@
-"""Audio stages vs independent oracles: librosa for resampling and the mel, the recipe's own formulas."""
+"""Audio stages vs independent oracles: librosa for resampling and the mel (lipsync_trt.bench.reference, the
+SyncTalk_2D reference's steps in float64 here), the recipe's own formulas."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,19 +8,10 @@ import soundfile as sf
 import torch
 
 from lipsync_trt import audio as A
+from lipsync_trt.bench import reference
 from lipsync_trt.errors import AudioError
 
 librosa = pytest.importorskip("librosa")
-
-
-def librosa_mel(wav: np.ndarray) -> np.ndarray:
-    """RECIPE §1 written with librosa (the reference's own tools), in float64."""
-    x = wav.astype(np.float64)
-    y = np.append(x[0], x[1:] - 0.97 * x[:-1])
-    spec = np.abs(librosa.stft(y=y, n_fft=800, hop_length=200, win_length=800, center=True, pad_mode="constant"))
-    mel = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600) @ spec
-    s = 20 * np.log10(np.maximum(1e-5, mel)) - 20
-    return np.clip(8 * (s + 100) / 100 - 4, -4, 4)
 
 
 def test_filterbank_matches_librosa():
@@ -31,7 +23,7 @@ def test_mel_matches_librosa_on_talk_hb(sanders):
     wav = A.load_16k(sanders / "talk_hb.wav")
     ref_wav, _ = librosa.load(sanders / "talk_hb.wav", sr=None, mono=True)
     assert np.array_equal(wav, ref_wav.astype(np.float32))
-    ref = librosa_mel(ref_wav)
+    ref = reference.melspectrogram(ref_wav.astype(np.float64))
     ours = A.mel(torch.from_numpy(wav)).numpy()
     assert ours.shape == ref.shape == (80, 1 + len(wav) // 200)
     assert np.abs(ours - ref).max() <= 1e-3
@@ -46,7 +38,7 @@ def test_mel_matches_librosa_on_22k_stereo(tmp_path):
     sf.write(path, np.stack([left, right], axis=1), rate, subtype="PCM_16")
     ours = A.mel(torch.from_numpy(A.load_16k(path))).numpy()
     mono, _ = librosa.load(path, sr=16000, mono=True)          # librosa's default resampler is soxr_hq
-    ref = librosa_mel(mono)
+    ref = reference.melspectrogram(mono.astype(np.float64))
     assert ours.shape == ref.shape
     assert np.abs(ours - ref).max() <= 1e-3
 
@@ -63,20 +55,6 @@ def test_load_bit_depths_agree(tmp_path, subtype):
     assert np.abs(got - x).max() <= tol + 1e-7
 
 
-def reference_windows(mel_tn: np.ndarray) -> list[np.ndarray]:
-    """The reference's loop: crop_audio_window over idx in range(N) on the (T, 80) mel, transposed per window."""
-    n = int((mel_tn.shape[0] - 16) / 80.0 * 25.0) + 2
-    out = []
-    for idx in range(n):
-        start = int(80.0 * (idx / float(25)))
-        end = start + 16
-        if end > mel_tn.shape[0]:
-            end = mel_tn.shape[0]
-            start = end - 16
-        out.append(mel_tn[start:end, :].T[None])
-    return out
-
-
 def test_num_windows_float_rounding():
     assert A.num_windows(384) == 116          # RECIPE §2: exact arithmetic would give 117
     assert A.num_windows(16) == 2
@@ -86,20 +64,8 @@ def test_num_windows_float_rounding():
 def test_mel_windows_match_reference_loop(frames):
     mel = torch.randn(80, frames)
     ours = A.mel_windows(mel).numpy()
-    ref = np.stack(reference_windows(mel.numpy().T))
+    ref = np.stack(reference.mel_windows(mel.numpy().T))
     assert ours.shape == ref.shape and np.array_equal(ours, ref)
-
-
-def reference_feature_window(features: np.ndarray, index: int) -> np.ndarray:
-    """SyncTalk_2D's get_audio_features: rows [index-8, index+8) zero-padded at both ends."""
-    left, right, pad_left, pad_right = index - 8, index + 8, 0, 0
-    if left < 0:
-        pad_left, left = -left, 0
-    if right > features.shape[0]:
-        pad_right, right = right - features.shape[0], features.shape[0]
-    auds = features[left:right]
-    auds = np.concatenate([np.zeros((pad_left, 512), np.float32), auds, np.zeros((pad_right, 512), np.float32)])
-    return auds.reshape(32, 16, 16)
 
 
 def test_feature_windows_match_reference():
@@ -109,7 +75,7 @@ def test_feature_windows_match_reference():
     idx = list(range(len(padded)))
     ours = A.feature_windows(padded, idx).numpy()
     for i in idx:
-        assert np.array_equal(ours[i], reference_feature_window(padded.numpy(), i))
+        assert np.array_equal(ours[i], reference.feature_window(padded.numpy(), i))
 
 
 def test_samples_needed_matches_recipe():
