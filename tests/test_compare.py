@@ -12,24 +12,12 @@ import pytest
 
 from lipsync_trt import avatar as avatar_mod
 from lipsync_trt.__main__ import main
+from lipsync_trt.bench import reference
 from lipsync_trt.compare import compare
 from lipsync_trt.demo import make_avatar
 from lipsync_trt.errors import CompareError
 
 pytest.importorskip("skimage", reason="compare needs scikit-image (pip install 'lipsync_trt[compare]')")
-
-
-def recipe_order(count: int, n: int) -> list[int]:
-    """RECIPE §4's loop: img_idx and step start at 0; step flips at the ends; img_idx += step per video frame."""
-    img_idx, step, out = 0, 0, []
-    for _ in range(n):
-        if img_idx > count - 2:
-            step = -1
-        if img_idx < 1:
-            step = 1
-        img_idx += step
-        out.append(img_idx)
-    return out
 
 
 def write_frames(folder, frames, first: int = 0):
@@ -94,7 +82,7 @@ def test_face_box_of_each_frame(tmp_path):
     are those of identical images, the whole frame's are not."""
     root = make_avatar(tmp_path / "avatar", count=5)
     av = avatar_mod.load(root)
-    order = recipe_order(av.count, 12)
+    order = reference.frame_order(av.count, 12)
     a = random_frames(12, av.height, av.width, seed=2)
     b = []
     for i, f in enumerate(a):
