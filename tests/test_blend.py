@@ -2,12 +2,12 @@
 three compositing paths against each other, and the seam it removes on real sanders frames."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from lipsync_trt import compose
+from lipsync_trt.bench import reference
 from lipsync_trt.errors import UsageError
 
 try:
@@ -25,13 +25,9 @@ def oracle_alpha(h: int, w: int, px: int) -> np.ndarray:
 
 
 def hard_paste(frame: np.ndarray, crop: np.ndarray, pred: np.ndarray, box) -> np.ndarray:
-    """The reference's paste with OpenCV: pred (3, 320, 320) in [0, 1] into the crop's inner 320, resized to the box."""
-    x1, y1, x2, y2 = box
-    c = crop.copy()
-    c[4:324, 4:324] = (np.clip(pred.transpose(1, 2, 0) * 255, 0, 255)).astype(np.uint8)
-    out = frame.copy()
-    out[y1:y2, x1:x2] = cv2.resize(c, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
-    return out
+    """The reference's paste with OpenCV (lipsync_trt.bench.reference) into copies: pred (3, 320, 320) in [0, 1]
+    into the crop's inner 320, resized to the box."""
+    return reference.paste(frame.copy(), crop.copy(), pred, box)
 
 
 @pytest.fixture(scope="module")
