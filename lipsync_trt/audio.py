@@ -116,32 +116,35 @@ def _window(device: torch.device) -> torch.Tensor:
     return torch.hann_window(R.WIN_LENGTH, periodic=True, dtype=torch.float32, device=device)
 
 
+def normalise(mel_amp: torch.Tensor) -> torch.Tensor:
+    """Mel amplitudes -> the recipe's levels: clip(8 (20 log10(max(1e-5, m)) - 20 + 100) / 100 - 4, -4, 4) (RECIPE §1).
+    The one normalisation of the whole-file `mel` and the incremental `IncrementalMel`."""
+    s = 20.0 * torch.log10(torch.clamp(mel_amp, min=R.AMP_FLOOR)) - R.REF_LEVEL_DB
+    scale = 2 * R.MAX_ABS_VALUE / -R.MIN_LEVEL_DB
+    return torch.clamp(scale * (s - R.MIN_LEVEL_DB) - R.MAX_ABS_VALUE, -R.MAX_ABS_VALUE, R.MAX_ABS_VALUE)
+
+
+def _mel_levels(y: torch.Tensor, center: bool) -> torch.Tensor:
+    """Pre-emphasised samples -> normalised mel (80, T): |STFT| (zero padding when centred), filterbank, levels.
+    The filterbank sums run in float64, then round to float32: a float32 GEMM's summation order depends on T, so
+    a frame would differ in its last bit between the whole file and a stream; in float64 both round the same."""
+    spec = torch.stft(y, n_fft=R.N_FFT, hop_length=R.HOP_LENGTH, win_length=R.WIN_LENGTH, window=_window(y.device),
+                      center=center, pad_mode="constant", return_complex=True).abs()
+    where = spec.device if spec.device.type != "mps" else torch.device("cpu")   # MPS has no float64
+    amp = _filterbank(where).double() @ spec.to(where, torch.float64)
+    return normalise(amp.to(spec.device, torch.float32))
+
+
 def mel(wav: torch.Tensor | np.ndarray) -> torch.Tensor:
     """16 kHz mono samples -> normalised log-mel (80, T), T = 1 + len // 200, on the input's device (RECIPE §1)."""
     x = torch.as_tensor(wav, dtype=torch.float32)
     if x.ndim != 1:
         raise AudioError(f"mel: expected 1-D 16 kHz mono samples, got shape {tuple(x.shape)}")
-    y = torch.cat([x[:1], x[1:] - R.PREEMPHASIS * x[:-1]])
-    spec = torch.stft(y, n_fft=R.N_FFT, hop_length=R.HOP_LENGTH, win_length=R.WIN_LENGTH,
-                      window=_window(x.device), center=True, pad_mode="constant", return_complex=True).abs()
-    m = _filterbank(x.device) @ spec
-    s = 20.0 * torch.log10(torch.clamp(m, min=R.AMP_FLOOR)) - R.REF_LEVEL_DB
-    scale = 2 * R.MAX_ABS_VALUE / -R.MIN_LEVEL_DB
-    return torch.clamp(scale * (s - R.MIN_LEVEL_DB) - R.MAX_ABS_VALUE, -R.MAX_ABS_VALUE, R.MAX_ABS_VALUE)
+    return _mel_levels(torch.cat([x[:1], x[1:] - R.PREEMPHASIS * x[:-1]]), center=True)
 
 
-def num_windows(mel_frames: int) -> int:
-    """N = int((T - 16) / 80.0 * 25.0) + 2, in float64 in exactly this order (RECIPE §2)."""
-    if mel_frames < R.MEL_WINDOW:
-        raise AudioError(f"audio too short: {mel_frames} mel frames, at least {R.MEL_WINDOW} are needed")
-    return int((mel_frames - R.MEL_WINDOW) / R.MEL_FPS * R.FPS) + 2
-
-
-def window_starts(mel_frames: int) -> list[int]:
-    """Start mel frame of each encoder window: int(80 * (k / 25)), moved back so the window fits."""
-    n = num_windows(mel_frames)
-    last = mel_frames - R.MEL_WINDOW
-    return [min(int(R.MEL_FPS * (k / R.FPS)), last) for k in range(n)]
+num_windows = R.num_windows        # re-exported: the recipe's arithmetic lives in recipe.py
+window_starts = R.window_starts
 
 
 def mel_windows(m: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,88 @@ def feature_windows(padded: torch.Tensor, frames: torch.Tensor | list[int] | ran
     return out.reshape(len(idx), *R.FEATURE_SHAPE)
 
 
-def samples_needed(frame: int) -> int:
-    """Samples at 16 kHz that must have arrived before video frame `frame` can be made (RECIPE §3)."""
-    return R.SAMPLES_PER_FRAME * frame + 7240
+RESAMPLE_QUALITY = "HQ"   # soxr quality of the incremental resampler (what to_16k_mono uses for whole files)
+
+
+def stream_samples(chunk: np.ndarray, source: str = "stream chunk") -> np.ndarray:
+    """A pushed chunk as 1-D float32: mono float32/float64 in [-1, 1], or int16 PCM scaled by 1/32768; AudioError
+    naming what was wrong for any other dtype or shape, NaN/infinite or absurd samples (`check_samples`)."""
+    if not isinstance(chunk, np.ndarray):
+        raise AudioError(f"{source}: expected a numpy array of samples, got {type(chunk).__name__}")
+    if chunk.ndim != 1:
+        raise AudioError(f"{source}: expected mono 1-D samples, got shape {chunk.shape}")
+    if chunk.dtype == np.int16:
+        return chunk.astype(np.float32) * np.float32(1 / 32768)
+    if chunk.dtype not in (np.float32, np.float64):
+        raise AudioError(f"{source}: dtype {chunk.dtype} is not supported; expected float32 in [-1, 1] or int16 PCM")
+    out = np.ascontiguousarray(chunk, dtype=np.float32)
+    check_samples(out, source)
+    return out
+
+
+class StreamResampler:
+    """Any rate -> 16 kHz, chunk by chunk (soxr's ResampleStream, the same filter as the whole-file `to_16k_mono`;
+    it holds back a few hundred samples until `flush`). 16 kHz input passes through untouched."""
+
+    def __init__(self, rate: int, quality: str = RESAMPLE_QUALITY):
+        if not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise AudioError(f"invalid sample rate {rate!r}: expected a positive integer (Hz)")
+        self.rate = int(rate)
+        self._rs = None
+        if self.rate != R.SAMPLE_RATE:
+            import soxr
+
+            self._rs = soxr.ResampleStream(self.rate, R.SAMPLE_RATE, 1, dtype="float32", quality=quality)
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """float32 samples at `rate` -> the 16 kHz samples the resampler can give now."""
+        return x if self._rs is None else self._rs.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        """End of input: the samples held back."""
+        return np.zeros(0, np.float32) if self._rs is None else self._rs.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+class IncrementalMel:
+    """16 kHz samples in, final normalised mel frames out: the ops of `mel`, frame by frame, as their samples arrive
+    (no global normalisation, so they equal the whole-file frames); `finish` makes the last ones, which read the
+    zero padding past the end."""
+
+    def __init__(self):
+        self.total = 0                               # 16 kHz samples received
+        self.prev = torch.zeros(1)                   # last sample (pre-emphasis); 0 before the first
+        self.y = torch.zeros(0)                      # pre-emphasised samples from index y_base
+        self.y_base = 0
+        self.n_mel = 0                               # mel frames computed
+
+    def push(self, x: np.ndarray) -> torch.Tensor:
+        """Append samples; return the mel frames (80, k) that became final."""
+        if x.size:
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            xx = torch.cat([self.prev, xt])
+            self.y = torch.cat([self.y, xx[1:] - R.PREEMPHASIS * xx[:-1]])
+            self.prev = xt[-1:].clone()
+            self.total += x.size
+        return self._frames(R.final_mel_frames(self.total))
+
+    def finish(self) -> tuple[torch.Tensor, int]:
+        """The last frames and T (the whole-file mel's frame count)."""
+        t = R.mel_frames(self.total)
+        return self._frames(t), t
+
+    def _frames(self, stop: int) -> torch.Tensor:
+        m0 = self.n_mel
+        if stop <= m0:
+            return torch.zeros(R.N_MELS, 0)
+        half = R.WIN_LENGTH // 2                     # the centred STFT's zero padding, here explicit
+        lo, hi = R.HOP_LENGTH * m0 - half, R.HOP_LENGTH * (stop - 1) + half
+        seg = self.y[max(lo - self.y_base, 0):max(hi - self.y_base, 0)]
+        pad_l = max(self.y_base - lo, 0)
+        pad_r = (hi - lo) - pad_l - seg.numel()
+        out = _mel_levels(torch.nn.functional.pad(seg, (pad_l, pad_r)), center=False)
+        self.n_mel = stop
+        keep = R.HOP_LENGTH * stop - half            # the next frame's first sample
+        if keep > self.y_base:
+            self.y = self.y[keep - self.y_base:]
+            self.y_base = keep
+        return out

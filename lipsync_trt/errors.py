@@ -29,5 +29,9 @@ class UsageError(LipsyncError):
     """Command-line arguments that contradict each other or are out of range."""
 
 
+class StreamError(LipsyncError):
+    """A live stream used out of order (a push after close) or failed while making its frames."""
+
+
 class CompareError(LipsyncError):
     """Two clips that `compare` cannot compare: unreadable, of different lengths or frame sizes, or no SSIM library."""

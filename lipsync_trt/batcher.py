@@ -1,0 +1,275 @@
+"""Many streams -> one model call per batch: a worker thread runs the audio encoder and the generator over the
+work of every stream at once (max batch, max wait), composes each frame (full frame or mouth crop) and hands it
+back to its stream. Knows nothing of sockets: the WebSocket server and `LipSync.stream` are both its clients.
+
+Back-pressure: a stream with `max_queue` frames in flight gets its new frames refused, and a frame that waited
+longer than `max_delay` since the audio that made it ready arrived is refused instead of generated, so the wait
+stays bounded in time however many streams share the device. A refused frame is reported as REJECTED or SKIPPED
+(`policy`): the client says no frame, or repeats its last one.
+
+A client is any object with: `runner` (its generator), `templates` (an `avatar.TemplateCrops` on the runner's
+device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `frames` (a `stream.ReadyFrames`,
+for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
+FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), END (frame count), FAILED
+(reason; i = -1, nothing more follows).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from . import compose
+from . import recipe as R
+
+POLICIES = ("reject", "skip")
+ENCODER_BATCH = 256
+FRAME, REJECTED, SKIPPED, END, FAILED = "frame", "rejected", "skipped", "end", "failed"
+
+
+@dataclass
+class _Job:
+    client: object
+    frame: int
+    template: int
+    audio: torch.Tensor
+    t_ready: float       # when it was queued for the generator: the batching clock
+    t_arrived: float     # when the audio that made it ready arrived: the deadline's clock
+
+
+class Batcher:
+    """The model worker shared by streams. `encode` takes encoder windows (the encoder runs batched here too),
+    `render` frames whose feature windows are known; both return at once, results come through `on_result`."""
+
+    def __init__(self, encoder=None, max_batch: int = 8, max_wait: float = 0.010, max_queue: int | None = None,
+                 policy: str = "reject", max_delay: float | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
+        self.encoder, self.max_batch, self.max_wait = encoder, max(1, max_batch), max(0.0, max_wait)
+        self.max_queue = None if max_queue is None else max(1, max_queue)
+        self.max_delay = max_delay if max_delay and max_delay > 0 else None   # seconds; None: no deadline
+        self.policy = policy
+        self._cond = threading.Condition()
+        self._enc: collections.deque = collections.deque()
+        self._gen: collections.deque = collections.deque()
+        self._inflight: dict[int, int] = {}        # id(client) -> frames queued and not yet answered
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()
+
+    # -- any thread
+    def start(self) -> "Batcher":
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lipsync-batcher", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Batcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def encode(self, client, first: int, windows: torch.Tensor, n_windows: int | None = None,
+               t_arrived: float | None = None) -> None:
+        """New encoder windows of a client (in order), and N when its audio has ended."""
+        self.start()
+        with self._cond:
+            self._enc.append((client, first, windows, n_windows, t_arrived or time.perf_counter()))
+            self._cond.notify_all()
+
+    def render(self, client, jobs: list[tuple[int, int, torch.Tensor]], t_arrived: float | None = None) -> None:
+        """Ready frames [(frame, template, feature window)] of a client, to generate and compose."""
+        self.start()
+        now = time.perf_counter()
+        admitted = [j for j in (self._admit(client, i, t, a, now, t_arrived or now) for i, t, a in jobs) if j]
+        with self._cond:
+            self._gen.extend(admitted)
+            self._cond.notify_all()
+
+    def queued(self) -> int:
+        """Frames waiting for the generator."""
+        with self._cond:
+            return len(self._gen)
+
+    # -- the worker
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._enc and not self._gen:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                enc = list(self._enc)
+                self._enc.clear()
+            # encode first: the frames it makes ready can join this batch, and no encoding runs between the
+            # deadline check below and the generator
+            try:
+                if enc:
+                    self._encode(enc)
+            except Exception:   # never let the worker die; the affected clients were told FAILED
+                traceback.print_exc()
+            with self._cond:
+                late = self._take_late()
+                batch = self._take_batch() if self._gen else None
+                if not late and batch is None:
+                    if self._gen and not self._enc and not self._stop:   # wait until the oldest is max_wait old
+                        wait = self._gen[0].t_ready + self.max_wait - time.perf_counter()
+                        if wait > 0:
+                            self._cond.wait(wait)
+                    continue
+            try:
+                for j in late:
+                    self._refuse(j.client, j.frame, f"frame {j.frame} waited {1000 * (time.perf_counter() - j.t_arrived):.0f}"
+                                 f" ms for the generator, over the {1000 * self.max_delay:.0f} ms limit", late=True)
+                if batch:
+                    self._generate(batch)
+            except Exception:
+                traceback.print_exc()
+
+    def _take_late(self) -> list[_Job]:
+        """Under the lock: the queued frames older than max_delay (from their audio's arrival), taken out. The queue
+        is in arrival order (batches leave it in order), so they are a prefix of it."""
+        late: list[_Job] = []
+        if self.max_delay is None:
+            return late
+        limit = time.perf_counter() - self.max_delay
+        while self._gen and self._gen[0].t_arrived < limit:
+            late.append(self._gen.popleft())
+        return late
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Under the lock: up to max_batch frames for the oldest frame's generator, once that many wait or the oldest
+        has waited max_wait."""
+        head = self._gen[0]
+        runner = head.client.runner
+        same = [j for j in self._gen if j.client.runner is runner]
+        if len(same) < self.max_batch and time.perf_counter() - head.t_ready < self.max_wait:
+            return None
+        take = same[:self.max_batch]
+        chosen = set(map(id, take))
+        self._gen = collections.deque(j for j in self._gen if id(j) not in chosen)
+        return take
+
+    def _encode(self, work: list) -> None:
+        live = [w for w in work if not w[0].cancelled]
+        wins = [w[2] for w in live if len(w[2])]
+        feats = torch.zeros(0, R.FEATURE_DIM)
+        try:
+            if wins:
+                allw = torch.cat(wins)
+                feats = torch.cat([self.encoder.encode_audio(allw[i:i + ENCODER_BATCH]).float().cpu()
+                                   for i in range(0, len(allw), ENCODER_BATCH)])
+        except Exception as exc:
+            for client, *_ in live:
+                self._fail(client, f"audio encoder failed: {exc}")
+            raise
+        pos = 0
+        for client, first, w, n, t_arrived in live:
+            f = feats[pos:pos + len(w)]
+            pos += len(w)
+            try:
+                jobs = client.frames.add(first, f, n)
+            except Exception as exc:
+                self._fail(client, f"stream state: {exc}")
+                continue
+            self.render(client, jobs, t_arrived)
+            if n is not None:
+                client.on_result(client.frames.frames_total, END, client.frames.frames_total)
+
+    def _admit(self, client, i: int, template: int, audio: torch.Tensor, now: float, t_arrived: float) -> _Job | None:
+        key = id(client)
+        with self._cond:
+            full = self.max_queue is not None and self._inflight.get(key, 0) >= self.max_queue
+            if not full:
+                self._inflight[key] = self._inflight.get(key, 0) + 1
+        if not full:
+            return _Job(client, i, template, audio, now, t_arrived)
+        self._refuse(client, i, f"{self.max_queue} frames of this stream are already queued", counted=False)
+        return None
+
+    def _done(self, client) -> None:
+        key = id(client)
+        with self._cond:
+            left = self._inflight.get(key, 0) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+
+    def _refuse(self, client, i: int, reason: str, counted: bool = True, late: bool = False) -> None:
+        """Answer frame i without generating it, per the policy."""
+        if counted:
+            self._done(client)
+        if late:
+            self.stats["late"] += 1
+        if client.cancelled:
+            return
+        if self.policy == "skip":
+            self.stats["reused"] += 1
+            client.on_result(i, SKIPPED, reason)
+        else:
+            self.stats["overloaded"] += 1
+            client.on_result(i, REJECTED, reason)
+
+    def _generate(self, batch: list[_Job]) -> None:
+        for j in batch:
+            if j.client.cancelled:
+                self._done(j.client)
+        batch = [j for j in batch if not j.client.cancelled]
+        if not batch:
+            return
+        runner = batch[0].client.runner
+        try:
+            got = [j.client.templates.get([j.template]) for j in batch]
+            crops = torch.cat([c for c, _ in got]).to(runner.device)
+            boxes = [b[0] for _, b in got]
+            audio = torch.stack([j.audio for j in batch]).to(runner.device, runner.dtype)
+            pred = runner.generate(compose.generator_inputs(crops, runner.dtype), audio)
+            images = self._compose(batch, crops, pred, boxes)
+        except Exception as exc:
+            for j in batch:
+                self._done(j.client)
+                self._fail(j.client, f"generator failed: {exc}")
+            raise
+        self.stats["batches"] += 1
+        self.stats["frames"] += len(batch)
+        for j, box, img in zip(batch, boxes, images):
+            self._done(j.client)
+            j.client.on_result(j.frame, FRAME, (box, img, j.t_ready))
+
+    @staticmethod
+    def _compose(batch: list[_Job], crops: torch.Tensor, pred: torch.Tensor, boxes: list) -> list[torch.Tensor]:
+        """Each job's image: the mouth crop (compose.mouths) or the full frame with it pasted (compose.paste)."""
+        out: list = [None] * len(batch)
+        for want in (True, False):
+            ks = [k for k, j in enumerate(batch) if bool(j.client.mouths) == want]
+            if not ks:
+                continue
+            sel = torch.tensor(ks, device=crops.device)
+            bx = [boxes[k] for k in ks]
+            if want:
+                imgs = compose.mouths(crops[sel], pred[sel.to(pred.device)], bx)
+            else:
+                frames = [torch.from_numpy(batch[k].client.avatar.frame(batch[k].template).copy()).to(crops.device)
+                          for k in ks]
+                imgs = compose.paste(frames, crops[sel], pred[sel.to(pred.device)], bx)
+            for k, img in zip(ks, imgs):
+                out[k] = img
+        return out
+
+    def _fail(self, client, reason: str) -> None:
+        if not client.cancelled:
+            client.on_result(-1, FAILED, reason)
