@@ -102,27 +102,33 @@ def parse_frames(spec: str, num_frames: int) -> list[int]:
 _DONE = object()
 
 
-class _Stage(threading.Thread):
-    """A worker that maps items from `inbox` to `outbox`; errors travel downstream as exceptions."""
+class Worker(threading.Thread):
+    """The pipeline's one thread primitive: fn(item) for each item of `inbox` (an iterable, or a queue ended by
+    _DONE), in order, results into the bounded queue `outbox` (None: a sink, results dropped); `setup()` first.
+    The first error ends it and travels on: into `outbox` (the consumer re-raises it) and into `error`.
+    Setting `stop` ends it early (puts re-check it every 0.1 s)."""
 
-    def __init__(self, fn: Callable, inbox: Iterable | queue.Queue, outbox: queue.Queue, stop: threading.Event,
-                 setup: Callable[[], None] | None = None):
-        super().__init__(daemon=True)
-        self.fn, self.inbox, self.outbox, self.stop, self.setup = fn, inbox, outbox, stop, setup
+    def __init__(self, fn: Callable, inbox: Iterable | queue.Queue, outbox: queue.Queue | None = None,
+                 stop: threading.Event | None = None, setup: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(daemon=True, name=name)
+        self.fn, self.inbox, self.outbox, self.setup = fn, inbox, outbox, setup
+        self.stop = stop if stop is not None else threading.Event()
+        self.error: BaseException | None = None
 
     def _items(self):
         if isinstance(self.inbox, queue.Queue):
             while True:
                 item = self.inbox.get()
-                if item is _DONE or isinstance(item, BaseException):
-                    yield item
-                    return
                 yield item
+                if item is _DONE or isinstance(item, BaseException):
+                    return
         else:
             yield from self.inbox
             yield _DONE
 
     def _put(self, item) -> bool:
+        if self.outbox is None:
+            return True
         while not self.stop.is_set():
             try:
                 self.outbox.put(item, timeout=0.1)
@@ -143,7 +149,8 @@ class _Stage(threading.Thread):
                     return
                 if not self._put(self.fn(item)):
                     return
-        except BaseException as exc:   # handed to the consumer, which re-raises it
+        except BaseException as exc:   # handed on; the consumer re-raises it
+            self.error = exc
             self._put(exc)
 
 
@@ -222,38 +229,32 @@ def yield_to_model(runner: Runner) -> None:
 @contextlib.contextmanager
 def in_background(fn: Callable[[object], None], setup: Callable[[], None] | None = None,
                   depth: int = 4) -> Iterator[Callable[[object], None]]:
-    """Yield `submit`; a helper thread calls fn(item) for each submitted item, in order (`setup()` first).
-    The thread's error is re-raised in the caller at the next submit or at exit; on exit the thread finishes
-    what was submitted before this returns."""
+    """Yield `submit`; a `Worker` calls fn(item) for each submitted item, in order (`setup()` first). Its error is
+    re-raised in the caller at the next submit or at exit; on exit it finishes what was submitted first."""
     work: queue.Queue = queue.Queue(maxsize=depth)
-    errors: list[BaseException] = []
+    worker = Worker(fn, work, setup=setup, name="lipsync_trt-sink")
+    worker.start()
 
-    def run() -> None:
-        if setup is not None:
-            setup()
-        while (item := work.get()) is not _DONE:
-            if errors:
-                continue   # drain after a failure, so that the caller's put never blocks
+    def put(item) -> None:
+        while worker.is_alive():   # a failed worker takes nothing more: never block on its full queue
             try:
-                fn(item)
-            except BaseException as exc:
-                errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True, name="lipsync_trt-sink")
-    thread.start()
+                work.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def submit(item) -> None:
-        if errors:
-            raise errors[0]
-        work.put(item)
+        if worker.error is not None:
+            raise worker.error
+        put(item)
 
     try:
         yield submit
     finally:
-        work.put(_DONE)
-        thread.join()
-    if errors:
-        raise errors[0]
+        put(_DONE)
+        worker.join()
+    if worker.error is not None:
+        raise worker.error
 
 
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
@@ -307,7 +308,8 @@ def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[
     stop = threading.Event()
     q1: queue.Queue = queue.Queue(maxsize=2)
     q2: queue.Queue = queue.Queue(maxsize=2)
-    workers = [_Stage(prep, batches, q1, stop, setup=lambda: yield_to_model(runner)), _Stage(model, q1, q2, stop)]
+    workers = [Worker(prep, batches, q1, stop, setup=lambda: yield_to_model(runner), name="lipsync_trt-prepare"),
+               Worker(model, q1, q2, stop, name="lipsync_trt-model")]
     for w in workers:
         w.start()
     try:
