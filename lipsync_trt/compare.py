@@ -182,8 +182,8 @@ def summary(result: dict) -> str:
     for name in ("whole", "face"):
         if name in result:
             t = result[name]
-            lines.append(f"{name:5s} PSNR {_db(t['psnr'])} dB (worst frame {_db(t['psnr_min'])}), SSIM {t['ssim']:.5f} "
-                         f"(worst {t['ssim_min']:.5f}), |diff| max {t['max_abs']} mean {t['mean_abs']:.4f}")
+            lines.append(f"{name:5s} PSNR {_db(t['psnr'])} dB (worst frame {_db(t['psnr_min'])}), SSIM {t['ssim']:.6f} "
+                         f"(worst {t['ssim_min']:.6f}), |diff| max {t['max_abs']} mean {t['mean_abs']:.3g}")
     return "\n".join(lines)
 
 
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     result = compare(args.a, args.b, avatar=args.avatar, start_frame=args.start_frame)
     if args.per_frame:
         for row in result["per_frame"]:
-            parts = [f"{k} PSNR {_db(row[k]['psnr'])} SSIM {row[k]['ssim']:.5f} max {row[k]['max_abs']}"
+            parts = [f"{k} PSNR {_db(row[k]['psnr'])} SSIM {row[k]['ssim']:.6f} max {row[k]['max_abs']}"
                      for k in ("whole", "face") if k in row]
             print(f"frame {row['frame']:6d}: " + ", ".join(parts))
     print(summary(result))
