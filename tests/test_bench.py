@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import numpy as np
 
 from lipsync_trt import audio as A
 from lipsync_trt.bench import reference
+from lipsync_trt.backends import Availability
 from lipsync_trt.bench.cli import parse_args
+from lipsync_trt.bench.configs import backend_names, configurations, runner_options
 from lipsync_trt.bench.inputs import frames_for_samples
 from lipsync_trt.bench.measure import summarize
 from lipsync_trt.bench.report import check_report, compare
@@ -120,4 +123,22 @@ def test_reference_steps_follow_the_recipe_text():
     lms = np.zeros((110, 2), np.int32)
     lms[1, 0], lms[52, 1], lms[31, 0] = 10, 20, 50
     assert reference.face_box(lms) == (10, 20, 50, 60)
+
+
+def test_configurations_from_the_options():
+    avail = {"torch": Availability("torch", True, ""), "tensorrt": Availability("tensorrt", False, "no CUDA")}
+    assert backend_names(None, avail) == ["torch"]
+    assert backend_names("torch:reduce-overhead,tensorrt", avail) == ["torch:reduce-overhead", "tensorrt"]
+    for bad in ("tflite", "tensorrt:spin", "torch,onnxruntime"):
+        with pytest.raises(SystemExit):
+            backend_names(bad, avail)
+    assert runner_options("torch:max-autotune", None) == ("torch", {"compile": "max-autotune"})
+    assert runner_options("onnxruntime:spin", "eng") == ("onnxruntime", {"engines": "eng", "spinning": True})
+    args = parse_args(["--demo", "--batch-sizes", "1,4", "--precisions", "fp32,fp16"])
+    configs, skipped = configurations(args, ["torch", "tensorrt"], avail, [torch.device("cpu")])
+    assert [c.key for c in configs] == ["baseline/cpu/fp32/b1", "torch/cpu/fp32/b1", "torch/cpu/fp32/b4",
+                                        "torch/cpu/fp16/b1", "torch/cpu/fp16/b4"]
+    assert skipped == [{"backend": "tensorrt", "device": "cpu", "reason": "no CUDA"}]
+    quick, _ = configurations(parse_args(["--demo", "--quick"]), ["torch"], avail, [torch.device("cpu")])
+    assert [c.key for c in quick] == ["baseline/cpu/fp32/b1", "torch/cpu/fp32/b1"]
 

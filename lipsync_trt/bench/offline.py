@@ -8,7 +8,6 @@ import math
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,35 +16,10 @@ import torch
 from .. import audio as A
 from .. import recipe as R
 from .baseline import Baseline
+from .configs import Config, backend_names, configurations, devices, runner_options
 from .inputs import Inputs
 from .measure import Memory, Stopwatch, in_worker, log
 from .report import jsonable
-
-QUICK_BATCHES = [1]
-DEFAULT_BATCHES = {"cpu": [1, 4], "cuda": [1, 8, 32, 128]}
-DEFAULT_PRECISIONS = {"cpu": ["fp32"], "cuda": ["fp32", "fp16"]}
-
-
-@dataclass
-class Config:
-    """One measured configuration; `backend` "baseline" is the reference structure (bench.baseline)."""
-    backend: str
-    device: str
-    precision: str
-    batch: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.backend}/{self.device}/{self.precision}/b{self.batch}"
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.backend == "baseline"
-
-
-def _csv(text: str | None) -> list[str]:
-    """The items of a comma list option (none for None or blanks)."""
-    return [p.strip() for p in (text or "").split(",") if p.strip()]
 
 
 class Bench:
@@ -59,41 +33,14 @@ class Bench:
         self.mem = Memory()
         self.avatar = avatar_mod.load(inputs.avatar_dir)
         avail = backends.available()
-        if args.backends:
-            names = _csv(args.backends)
-            for n in names:   # "torch:MODE" = torch.compile(mode=MODE); "onnxruntime:spin" = spinning threads
-                if n.split(":")[0] not in avail or (":" in n and not n.startswith("torch:")
-                                                    and n != "onnxruntime:spin"):
-                    raise SystemExit(f"bench: unknown backend {n!r}; expected some of: {', '.join(avail)}")
-        else:
-            names = [n for n, a in avail.items() if a.usable]
+        names = backend_names(args.backends, avail)
         self.availability = {n: {"usable": a.usable, "reason": a.reason} for n, a in avail.items()}
-        devs = _csv(args.devices) or ["auto"]
-        self.devices = []
-        for d in devs:
-            dev = backends.resolve_device(d)
-            if str(dev) not in [str(x) for x in self.devices]:
-                self.devices.append(dev)
-        self.configs: list[Config] = []
-        self.skipped: list[dict] = []
+        self.devices = devices(args.devices)
+        self.configs, self.skipped = configurations(args, names, avail, self.devices)
         self.runners: dict[tuple, object] = {}
         self.loads: dict[str, dict] = {}
         self.results: dict[str, dict] = {}
         self._last_frames: dict[str, np.ndarray] = {}   # the last end-to-end frame of each configuration
-        for dev in self.devices:
-            dt = dev.type
-            batches = ([int(b) for b in _csv(args.batch_sizes)] if args.batch_sizes else
-                       (QUICK_BATCHES if args.quick else DEFAULT_BATCHES.get(dt, [1, 4])))
-            precs = _csv(args.precisions) or DEFAULT_PRECISIONS.get(dt, ["fp32"])
-            self.configs.append(Config("baseline", str(dev), "fp32", 1))
-            for name in names:
-                if not avail[name.split(":")[0]].usable:
-                    self.skipped.append({"backend": name, "device": str(dev),
-                                         "reason": avail[name.split(":")[0]].reason})
-                    continue
-                for prec in precs:
-                    for b in batches:
-                        self.configs.append(Config(name, str(dev), prec, b))
 
     def setup(self, bar) -> None:
         """Load every runner once (load time), time its first call at each batch size, warm up; configurations
@@ -113,12 +60,7 @@ class Bench:
                         if cfg.is_baseline:
                             runner = Baseline(self.inputs.generator, self.inputs.audio_encoder, dev)
                         else:
-                            opts = {"engines": self.args.engines} if self.args.engines else {}
-                            name, _, mode = cfg.backend.partition(":")
-                            if mode == "spin":
-                                opts["spinning"] = True
-                            elif mode:
-                                opts["compile"] = mode
+                            name, opts = runner_options(cfg.backend, self.args.engines)
                             runner = backends.load(name, self.inputs.generator, self.inputs.audio_encoder,
                                                    device=dev, precision=cfg.precision, **opts)
                     self.runners[rk] = runner
