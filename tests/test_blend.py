@@ -125,6 +125,19 @@ def test_paths_agree(batch, px):
     print(f"triton vs torch px={px}: {_close(got, ref, 'triton'):.4%} identical")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or _NO_TRITON is not None, reason="needs CUDA and triton")
+@pytest.mark.parametrize("px", [5, 16])
+def test_gpu_paths_agree(batch, px):
+    """The compiled Triton kernel and the PyTorch path on CUDA, feathered, within 1 level of the CPU PyTorch path."""
+    frames, crops, pred, boxes = batch
+    ref = torch.stack(compose.paste([f.clone() for f in frames], crops, pred, boxes, impl="torch", feather=px))
+    got = compose.paste(frames.cuda(), crops.cuda(), pred.cuda(), boxes, impl="triton", feather=px)
+    print(f"cuda triton vs torch px={px}: {_close(got.cpu(), ref, 'cuda triton'):.4%} identical")
+    got = compose.paste(list(frames.cuda()), crops.cuda(), pred.cuda(), boxes, impl="torch", feather=px)
+    print(f"cuda torch vs torch px={px}: {_close(torch.stack(got).cpu(), ref, 'cuda torch'):.4%} identical")
+
+
 @pytest.mark.parametrize("impl", ["torch", "opencv"])
 def test_mouths_match_paste(batch, impl):
     """mouths(templates=...) is what paste writes into the box; without templates feathering is refused."""
