@@ -112,6 +112,13 @@ def test_cli_mismatches_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "64x48" in err and "66x48" in err
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+    shifted = write_frames(tmp_path / "shifted", random_frames(4), first=1)     # frames 1..4 against 0..3
+    assert main(["compare", str(a), str(shifted)]) == 2
+    assert "0..3" in capsys.readouterr().err
+    avatar = make_avatar(tmp_path / "avatar", count=3)                          # 256x192 templates
+    assert main(["compare", str(a), str(a), "--avatar", str(avatar)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "256x192" in err and "64x48" in err
 
 
 def test_videos_and_json(tmp_path, capsys):
