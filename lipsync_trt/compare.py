@@ -34,9 +34,14 @@ def _ssim_fn():
     return structural_similarity
 
 
+SSIM_WINDOW = 11             # scikit-image's Gaussian window for sigma 1.5: 2 * int(3.5 * 1.5 + 0.5) + 1
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two uint8 (H, W, 3) images as Wang et al. define it (11x11 Gaussian window, sigma 1.5, population
     covariances), computed by scikit-image per channel and averaged."""
+    if min(a.shape[:2]) < SSIM_WINDOW:
+        raise CompareError(f"a {a.shape[1]}x{a.shape[0]} region is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window")
     return float(_ssim_fn()(a, b, channel_axis=2, data_range=PEAK, gaussian_weights=True, sigma=1.5,
                             use_sample_covariance=False))
 
