@@ -6,6 +6,7 @@ machine actually has (importable modules, CUDA, operating system).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -17,14 +18,14 @@ import pytest
 import torch
 from tolerances import reorder_atol
 
-from lipsync_trt import backends
+from conftest import SANDERS
+from lipsync_trt import artifacts, backends
 from lipsync_trt.backends import coreml as coreml_backend
 from lipsync_trt.backends import tensorrt as trt_backend
-from lipsync_trt.errors import BackendError, CheckpointError
+from lipsync_trt.errors import BackendError, CheckpointError, UsageError
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnx are not installed (pip install 'lipsync_trt[onnx]')")
-SANDERS = Path(os.environ.get("LIPSYNC_SANDERS", "/work/shared/datasets/sanders"))
 BATCH = "1:2:3"   # the same profile as test_build.py, so the session's ONNX build is shared (a cache hit)
 
 
@@ -96,13 +97,86 @@ def test_without_cuda():
     assert trt_backend.probe() is not None   # not installed, or no GPU: never usable without CUDA
 
 
-def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(checkpoints):
-    for name, mod in (("tensorrt", trt_backend), ("coreml", coreml_backend)):
+def test_tensorrt_and_coreml_load_fail_clearly_where_unusable(checkpoints, tmp_path):
+    for name, mod, suffix in (("tensorrt", trt_backend, ".engine"), ("coreml", coreml_backend, ".mlpackage")):
         reason = mod.probe()
         if reason is None:
             continue
-        with pytest.raises(BackendError, match=f"backend '{name}' is not usable here"):
-            mod.load(*checkpoints, torch.device("cpu"))
+        with pytest.raises(BackendError, match=f"backend '{name}' is not usable here") as exc:
+            backends.load(name, *checkpoints, device="cpu", engines=tmp_path)
+        assert reason in str(exc.value)
+        with pytest.raises(BackendError, match=f"backend '{name}' is not usable here"):   # the runner module itself
+            mod.load(tmp_path / f"generator{suffix}", tmp_path / f"audio_encoder{suffix}", torch.device("cpu"))
+        assert not list(tmp_path.iterdir())   # failed before anything was built
+
+
+def _forge_tensorrt_build(onnx_dir: Path, engines: Path, version: str = "10.9.0", gpu: str = "Test GPU",
+                          generator_sha256: str | None = None) -> Path:
+    """A folder shaped like a TensorRT fp32 build made on another machine (TensorRT `version`, `gpu`): the session's
+    ONNX manifest with its key turned into a tensorrt one, and two .engine files no TensorRT would load (only
+    the lookup reads this folder)."""
+    m = json.loads((onnx_dir / "manifest.json").read_text())
+    m["key"].update(target="tensorrt", gpu=gpu)
+    m["key"]["versions"]["tensorrt"] = version
+    if generator_sha256:
+        m["key"]["generator_sha256"] = generator_sha256
+    m["artifacts"] = {"tensorrt": {"generator": "generator.engine", "audio_encoder": "audio_encoder.engine"}}
+    folder = engines / f"tensorrt-fp32-{version}-{len(list(engines.glob('*'))) if engines.is_dir() else 0}"
+    folder.mkdir(parents=True)
+    for name in m["artifacts"]["tensorrt"].values():
+        (folder / name).write_bytes(b"not an engine")
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+@needs_ort
+def test_auto_picks_tensorrt_only_for_a_build_of_these_checkpoints(checkpoints, onnx_dir, tmp_path):
+    """The 'auto' table with TensorRT taken as usable on a CUDA device (as on a GPU machine with TensorRT): the
+    TensorRT row holds only for a build in --engines whose manifest key matches these checkpoints, the
+    precision, the TensorRT version and the GPU; a stray .engine file or another build falls through to torch."""
+    cuda = torch.device("cuda")   # a device object only: nothing runs on it
+    usable = {"tensorrt", "torch", "onnxruntime"}
+
+    def pick(engines: Path, precision: str = "fp32", runtime: tuple = ("10.9.0", "Test GPU")) -> str:
+        def has(kind: str) -> bool:
+            return artifacts.find_tensorrt(engines, *checkpoints, precision, runtime=runtime) is not None
+        return backends.first_row(backends.AUTO, usable, cuda, has).backend
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "generator.engine").write_bytes(b"x")
+    (stray / "model.engine").write_bytes(b"x")
+    assert pick(stray) == "torch"
+    assert pick(tmp_path / "absent") == "torch"
+    other = tmp_path / "other"
+    _forge_tensorrt_build(onnx_dir, other, generator_sha256="0" * 64)      # a build for other checkpoints
+    assert pick(other) == "torch"
+    ours = tmp_path / "ours"
+    _forge_tensorrt_build(onnx_dir, ours)
+    assert pick(ours) == "tensorrt"                                        # the lookup can say yes
+    assert pick(ours, precision="fp16") == "torch"
+    assert pick(ours, runtime=("10.8.0", "Test GPU")) == "torch"           # engines do not move across versions
+    assert pick(ours, runtime=("10.9.0", "Another GPU")) == "torch"        # ... nor across GPUs
+    # without CUDA the TensorRT row never holds, whatever the folder holds
+    assert backends.first_row(backends.AUTO, usable, torch.device("cpu"), lambda kind: True).backend == "onnxruntime"
+    assert backends.select("auto", "cpu", ours, *checkpoints)[0] != "tensorrt"
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="torch sees no CUDA"):
+            backends.select("auto", "cuda", ours, *checkpoints)
+
+
+def test_runner_checks_inputs_and_closes_as_a_context_manager(checkpoints):
+    with backends.load("torch", *checkpoints, device="cpu") as r:
+        with pytest.raises(UsageError, match="generator input 'images': expected shape"):
+            r.generate(torch.rand(1, 3, 320, 320), torch.rand(1, 32, 16, 16))
+        with pytest.raises(UsageError, match="batch sizes differ"):
+            r.generate(torch.rand(2, 6, 320, 320), torch.rand(1, 32, 16, 16))
+        with pytest.raises(UsageError, match="audio_encoder input 'mel'"):
+            r.encode_audio(torch.rand(4, 80, 16))
+        assert r.encode_audio(torch.rand(2, 1, 80, 16)).shape == (2, 512)
+    assert r.closed
+    with pytest.raises(BackendError, match="closed"):
+        r.encode_audio(torch.rand(1, 1, 80, 16))
 
 
 @pytest.mark.gpu
@@ -164,13 +238,13 @@ def test_onnxruntime_threads_option_and_default(checkpoints, onnx_dir, engines_d
     from lipsync_trt.backends import onnxruntime as ob
 
     assert 1 <= ob.physical_cores() <= (os.cpu_count() or 1)
-    r = ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir, threads=1)
+    r = backends.load("onnxruntime", *checkpoints, device="cpu", engines=engines_dir, threads=1)
     assert r.threads == 1 and r.info["intra_op_threads"] == 1
-    default = ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir)
+    default = backends.load("onnxruntime", *checkpoints, device="cpu", engines=engines_dir)
     assert default.threads == ob.physical_cores()
     key = "session.intra_op.allow_spinning"      # read back from the sessions ONNX Runtime actually made
-    for runner, want in ((default, "0"), (ob.load(*checkpoints, torch.device("cpu"), engines=engines_dir,
-                                                   spinning=True), "1")):
+    for runner, want in ((default, "0"), (backends.load("onnxruntime", *checkpoints, device="cpu", engines=engines_dir,
+                                                        spinning=True), "1")):
         for sess in (runner.gen.session, runner.enc.session):
             assert sess.get_session_options().get_session_config_entry(key) == want
 
@@ -180,13 +254,28 @@ def test_onnxruntime_uses_the_cache_folder_when_no_engines_given(checkpoints, on
     from lipsync_trt.backends import onnxruntime as ob
 
     monkeypatch.setenv("LIPSYNC_TRT_CACHE", str(engines_dir))   # where the session's build already is
-    r = ob.load(*checkpoints, torch.device("cpu"))
+    r = backends.load("onnxruntime", *checkpoints, device="cpu")
     assert Path(r.info["generator_onnx"]).parent == onnx_dir
     with pytest.raises(CheckpointError, match="not found"):
-        ob.load(checkpoints[0], checkpoints[1].with_name("nope.pth"), torch.device("cpu"))
+        backends.load("onnxruntime", checkpoints[0], checkpoints[1].with_name("nope.pth"), device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(BackendError):
             ob.OrtRunner(onnx_dir / "generator.onnx", onnx_dir / "audio_encoder.onnx", torch.device("cuda"))
+
+
+@needs_ort
+def test_onnxruntime_runner_runs_only_the_onnx_files_it_is_given(checkpoints, onnx_dir):
+    from lipsync_trt.backends import onnxruntime as ob
+
+    cpu = torch.device("cpu")
+    with pytest.raises(BackendError, match=r"runs \.onnx files"):
+        ob.load(*checkpoints, cpu)                                   # checkpoints: finding/exporting is not its job
+    with pytest.raises(BackendError, match="ONNX file not found"):
+        ob.load(onnx_dir / "nope.onnx", onnx_dir / "audio_encoder.onnx", cpu)
+    with pytest.raises(BackendError, match="are not the generator's"):
+        ob.load(onnx_dir / "audio_encoder.onnx", onnx_dir / "audio_encoder.onnx", cpu)
+    with ob.load(onnx_dir / "generator.onnx", onnx_dir / "audio_encoder.onnx", cpu, threads=1) as r:
+        assert r.info["generator_onnx"] == str(onnx_dir / "generator.onnx") and r.threads == 1
 
 
 # ----------------------------------------------------------------------------------- end to end (sanders)

@@ -19,10 +19,12 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from lipsync_trt import artifacts  # noqa: E402
 from lipsync_trt import build as B  # noqa: E402
 from lipsync_trt.errors import BackendError, CheckpointError, OutputError, UsageError  # noqa: E402
 from lipsync_trt.models import load_audio_encoder, load_generator  # noqa: E402
 from lipsync_trt.models.checkpoints import sha256  # noqa: E402
+from lipsync_trt.models.io import AUDIO_ENCODER, GENERATOR  # noqa: E402
 
 BATCH = "1:2:3"   # small profile: keeps the checks fast on a 2-core CPU
 
@@ -53,11 +55,13 @@ def test_manifest_records_the_key_and_self_contained_files(onnx_build, checkpoin
     assert key["opset"] == B.OPSET and key["versions"]["torch"] == torch.__version__
     assert key["versions"]["onnxruntime"] == ort.__version__ and "gpu" in key
     assert saved["created"].endswith("+00:00") and saved["steps"]
-    assert folder.name.endswith(B._key_hash(key)[:12])
+    assert folder.name.endswith(B.key_hash(key)[:12])
     # one file per model, nothing beside them (no external-data side files)
     assert sorted(p.name for p in folder.iterdir()) == ["audio_encoder.onnx", "generator.onnx", "manifest.json"]
-    for name, inputs, output in (("generator.onnx", B.GEN_INPUTS, B.GEN_OUTPUT),
-                                 ("audio_encoder.onnx", (B.ENC_INPUT,), B.ENC_OUTPUT)):
+    assert saved["tensors"] == {"generator": {"inputs": ["images", "audio"], "output": "output"},
+                                "audio_encoder": {"inputs": ["mel"], "output": "features"}}
+    for name, inputs, output in (("generator.onnx", GENERATOR.input_names, GENERATOR.output.name),
+                                 ("audio_encoder.onnx", AUDIO_ENCODER.input_names, AUDIO_ENCODER.output.name)):
         proto = onnx.load(str(folder / name))
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
         assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {B.OPSET}
@@ -111,16 +115,16 @@ def test_same_request_reuses_the_build_and_force_rebuilds(onnx_build, checkpoint
     assert [ln.split("]")[0] for ln in lines] == ["[1", "[2", "[3", "[4"]   # one line per step
     assert all(ln.rstrip().endswith(" s)") for ln in lines[:3]) and "max abs diff" in lines[2]
     # a different batch profile is a different key, hence a different folder
-    assert B._key_hash(B.build_key("a", "b", "onnx", "fp32", (1, 2, 3))) != \
-        B._key_hash(B.build_key("a", "b", "onnx", "fp32", (1, 4, 16)))
+    assert B.key_hash(B.build_key("a", "b", "onnx", "fp32", (1, 2, 3))) != \
+        B.key_hash(B.build_key("a", "b", "onnx", "fp32", (1, 4, 16)))
 
 
 def test_ensure_onnx_finds_the_build_for_a_checkpoint_pair(onnx_build, checkpoints, engines_dir):
-    gen_onnx, enc_onnx = B.ensure_onnx(*checkpoints, out=engines_dir, log=None)
+    gen_onnx, enc_onnx = artifacts.ensure_onnx(*checkpoints, out=engines_dir, log=None)
     assert gen_onnx == Path(onnx_build["dir"]) / "generator.onnx" and enc_onnx.name == "audio_encoder.onnx"
     assert B.find_build(engines_dir, *checkpoints, "tensorrt") is None   # looked up by artifact kind
     with pytest.raises(CheckpointError, match="not found"):
-        B.ensure_onnx(checkpoints[0], checkpoints[1].with_name("missing.pth"), out=engines_dir, log=None)
+        artifacts.ensure_onnx(checkpoints[0], checkpoints[1].with_name("missing.pth"), out=engines_dir, log=None)
 
 
 @pytest.mark.parametrize("text,expected", [("1:4:16", (1, 4, 16)), ("8", (8, 8, 8)), (None, B.DEFAULT_BATCH)])
@@ -190,15 +194,15 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 # ------------------------------------------------------------------------------------ TensorRT target
 
 def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorrt(checkpoints, tmp_path, capsys):
-    from lipsync_trt.backends import tensorrt as trt_backend
+    from lipsync_trt.build import tensorrt as trt_build
 
-    if trt_backend.build_probe() is None:
+    if trt_build.build_probe() is None:
         pytest.skip("TensorRT and a GPU are present: the build would run (covered by the -m gpu benchmarks)")
     rc, out, err = _run_main(["--generator", str(checkpoints[0]), "--audio-encoder", str(checkpoints[1]), "--target", "tensorrt",
                               "--precision", "fp16", "--batch", BATCH, "--out", str(tmp_path / "e"), "--quiet"], capsys)
     assert rc == 2 and err.count("\n") == 1
     assert "cannot build TensorRT engines here" in err and "generator.fp16.onnx" in err
-    assert trt_backend.build_probe() in err
+    assert trt_build.build_probe() in err
     # the fp16 ONNX was exported and compared with PyTorch fp32 before the TensorRT step
     steps = [ln for ln in out.splitlines() if ln.startswith("[")]
     assert any("export fp16 generator ONNX" in ln for ln in steps)
@@ -213,7 +217,7 @@ def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorr
 
 def test_coreml_packages_round_trip(models, tmp_path):
     """Convert both networks (fp16 compute, flexible batch 1..3), save, reload the spec, check names and shapes."""
-    from lipsync_trt.backends import coreml
+    from lipsync_trt.build import coreml
 
     reason = coreml.convert_probe()
     if reason:

@@ -1,14 +1,12 @@
-"""ONNX Runtime backend: the verified ONNX pair on the CPU EP (or the CUDA EP when onnxruntime-gpu provides it).
+"""ONNX Runtime backend: an ONNX pair on the CPU EP (or the CUDA EP when onnxruntime-gpu provides it).
 
-`load(G.pth, A.pth, ...)` works straight from checkpoints: `build.ensure_onnx` reuses a verified ONNX
-build for this checkpoint pair from `engines` (when given) or the cache folder ($LIPSYNC_TRT_CACHE, else
-~/.cache/lipsync_trt), exporting and checking one there the first time (~20 s on a 2-core CPU).
-
-On a 2-core x86-64 CPU the generator runs ~3.5-4x faster than eager PyTorch at batch 1 (docs/ENGINES.md).
+It runs the two .onnx files it is given. `backends.load('onnxruntime', G.pth, A.pth)` gets them from
+`lipsync_trt.artifacts` (a verified build of this checkpoint pair in `engines` or the cache folder,
+exported there the first time). Speed against eager PyTorch: docs/ENGINES.md and docs/BENCHMARKS.md.
 Threads: `threads` (intra-op) defaults to the physical cores this process may use; inter-op is 1.
-`spinning` (default off) lets idle intra-op threads busy-wait for the next op: 6-10% faster for the generator
-alone, but in `generate` the spinning threads take CPU from decode/paste/H.264 and end to end to MP4 is
-~10% slower (2-core CPU, docs/BENCHMARKS.md), so it is off unless the process does nothing else.
+`spinning` (default off) lets idle intra-op threads busy-wait for the next op: faster for the generator
+alone, but in `generate` the spinning threads take CPU from decode/paste/H.264 (docs/BENCHMARKS.md), so it
+is off unless the process does nothing else.
 """
 from __future__ import annotations
 
@@ -19,16 +17,14 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
+from ..models.io import AUDIO_ENCODER, GENERATOR, NetworkIO
+from ..runtimes import onnxruntime as ort
 from .base import Runner
 
 
 def probe() -> str | None:
     """None when usable, else why not."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "onnxruntime is not installed (pip install 'lipsync_trt[onnx]')"
-    return None
+    return ort.reason()
 
 
 def physical_cores() -> int:
@@ -58,9 +54,10 @@ _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class _Session:
-    def __init__(self, path: Path, device: torch.device, threads: int, providers: list, spinning: bool = False):
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, net: NetworkIO, device: torch.device, threads: int, providers: list,
+                 spinning: bool = False):
+        if not path.is_file():
+            raise BackendError(f"{path}: ONNX file not found")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -71,6 +68,10 @@ class _Session:
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.device = device
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if list(self.inputs) != list(net.input_names) or outputs != [net.output.name]:
+            raise BackendError(f"{path}: inputs {list(self.inputs)} and outputs {outputs} are not the {net.name}'s "
+                               f"{list(net.input_names)} -> [{net.output.name!r}]")
         out = self.session.get_outputs()[0]
         self.output, self.output_type = out.name, out.type
 
@@ -102,8 +103,6 @@ class OrtRunner(Runner):
     def __init__(self, generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike,
                  device: torch.device = torch.device("cpu"), precision: str = "fp32", threads: int | None = None,
                  spinning: bool = False):
-        import onnxruntime as ort
-
         super().__init__(name="onnxruntime", device=device, precision=precision)
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -116,8 +115,8 @@ class OrtRunner(Runner):
         else:
             raise BackendError(f"onnxruntime backend: unsupported device {device}; use cpu or cuda")
         self.threads = threads or physical_cores()
-        self.gen = _Session(Path(generator_onnx), device, self.threads, providers, spinning)
-        self.enc = _Session(Path(encoder_onnx), device, self.threads, providers, spinning)
+        self.gen = _Session(Path(generator_onnx), GENERATOR, device, self.threads, providers, spinning)
+        self.enc = _Session(Path(encoder_onnx), AUDIO_ENCODER, device, self.threads, providers, spinning)
         self.info = {"generator_onnx": str(generator_onnx), "audio_encoder_onnx": str(encoder_onnx),
                      "providers": self.gen.session.get_providers(), "intra_op_threads": self.threads,
                      "spinning": spinning,
@@ -125,36 +124,37 @@ class OrtRunner(Runner):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _TORCH[self.gen.inputs["images"]]
+        return _TORCH[self.gen.inputs[GENERATOR.inputs[0].name]]
 
     @property
     def own_cpu_pool(self) -> bool:
         return self.device.type == "cpu"
 
-    def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
-        return self.enc.run(mel=mel_windows).float()
+    def encode_audio_impl(self, mel_windows: torch.Tensor) -> torch.Tensor:
+        return self.enc.run(**dict(zip(AUDIO_ENCODER.input_names, (mel_windows,)))).float()
 
-    def generate(self, images: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        return self.gen.run(images=images, audio=audio).float()
+    def generate_impl(self, images: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return self.gen.run(**dict(zip(GENERATOR.input_names, (images, audio)))).float()
 
-    def close(self) -> None:
+    def close_impl(self) -> None:
         self.gen = self.enc = None
 
 
-def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device: torch.device,
-         precision: str = "fp32", engines: str | os.PathLike | None = None, threads: int | None = None,
-         spinning: bool = False, **_: object) -> OrtRunner:
-    """ONNX for this checkpoint pair (found in `engines` or the cache, else exported there), on `device`."""
-    from ..build import ensure_onnx, find_build
+def check(device: torch.device, precision: str) -> None:
+    """BackendError for a precision this backend cannot run (before anything is found or exported)."""
+    if precision == "bf16":
+        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 (or fp16 on CUDA)")
 
+
+def load(generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike, device: torch.device,
+         precision: str = "fp32", threads: int | None = None, spinning: bool = False, **_: object) -> OrtRunner:
+    """An OrtRunner on `device` for two ONNX files (the generator's and the audio encoder's)."""
     reason = probe()
     if reason:
         raise BackendError(f"backend 'onnxruntime' is not usable here: {reason}")
-    if precision == "bf16":
-        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 (or fp16 on CUDA)")
-    out = engines
-    if engines is not None and find_build(engines, generator, audio_encoder,
-                                          "onnx_fp16" if precision == "fp16" else "onnx") is None:
-        out = None   # nothing usable in --engines: use (and fill) the cache rather than writing into it
-    gen_onnx, enc_onnx = ensure_onnx(generator, audio_encoder, out, precision)
-    return OrtRunner(gen_onnx, enc_onnx, device, precision, threads, spinning)
+    check(device, precision)
+    for path in (generator_onnx, encoder_onnx):
+        if Path(path).suffix != ".onnx":
+            raise BackendError(f"{path}: the onnxruntime backend runs .onnx files; "
+                               "backends.load('onnxruntime', G.pth, A.pth) finds or exports them")
+    return OrtRunner(generator_onnx, encoder_onnx, device, precision, threads, spinning)

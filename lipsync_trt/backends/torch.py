@@ -1,4 +1,7 @@
-"""PyTorch backend: eager modules on CPU or CUDA, channels_last, inference_mode, optional fp16/bf16."""
+"""PyTorch backend: eager modules on CPU or CUDA, channels_last, inference_mode, optional fp16/bf16.
+
+It runs what it is given: the two torch modules, or the two checkpoint files (loaded with the strict loaders).
+"""
 from __future__ import annotations
 
 import os
@@ -39,18 +42,20 @@ class TorchRunner(Runner):
     def dtype(self) -> torch.dtype:
         return self.model_dtype
 
-    def encode_audio(self, mel_windows: torch.Tensor) -> torch.Tensor:
+    def encode_audio_impl(self, mel_windows: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.audio_encoder(mel_windows.to(self.device, torch.float32))
 
-    def generate(self, images: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    def generate_impl(self, images: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             x = images.to(self.device, self.model_dtype).contiguous(memory_format=torch.channels_last)
             a = audio.to(self.device, self.model_dtype)
             return self.generator(x, a).float()
 
 
-def load(generator: str | os.PathLike, audio_encoder: str | os.PathLike, device: torch.device,
-         precision: str = "fp32", compile: str | None = None, **_: object) -> TorchRunner:
-    """Load both checkpoints into a TorchRunner on `device` (optionally torch.compile'd generator)."""
-    return TorchRunner(load_generator(generator), load_audio_encoder(audio_encoder), device, precision, compile)
+def load(generator: str | os.PathLike | torch.nn.Module, audio_encoder: str | os.PathLike | torch.nn.Module,
+         device: torch.device, precision: str = "fp32", compile: str | None = None, **_: object) -> TorchRunner:
+    """A TorchRunner on `device` for two modules or two checkpoint files (optionally torch.compile'd generator)."""
+    gen = generator if isinstance(generator, torch.nn.Module) else load_generator(generator)
+    enc = audio_encoder if isinstance(audio_encoder, torch.nn.Module) else load_audio_encoder(audio_encoder)
+    return TorchRunner(gen, enc, device, precision, compile)
