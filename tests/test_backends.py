@@ -165,6 +165,18 @@ def test_auto_picks_tensorrt_only_for_a_build_of_these_checkpoints(checkpoints, 
             backends.select("auto", "cuda", ours, *checkpoints)
 
 
+def test_fixed_max_batch_slices_cover_the_batch_in_order():
+    """What the TensorRT and Core ML runners feed a network whose profile has a maximum batch."""
+    from lipsync_trt.models.io import GENERATOR
+
+    images, audio = torch.rand(5, 6, 320, 320), torch.rand(5, 32, 16, 16)
+    feeds = list(GENERATOR.slices((images, audio), 2))
+    assert [sorted(f) for f in feeds] == [["audio", "images"]] * 3
+    assert [len(f["images"]) for f in feeds] == [2, 2, 1]
+    assert torch.equal(torch.cat([f["images"] for f in feeds]), images)
+    assert torch.equal(torch.cat([f["audio"] for f in feeds]), audio)
+
+
 def test_runner_checks_inputs_and_closes_as_a_context_manager(checkpoints):
     with backends.load("torch", *checkpoints, device="cpu") as r:
         with pytest.raises(UsageError, match="generator input 'images': expected shape"):

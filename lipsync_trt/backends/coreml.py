@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
-from ..models.io import AUDIO_ENCODER, BATCH_AXIS, GENERATOR, NetworkIO
+from ..models.io import AUDIO_ENCODER, GENERATOR, NetworkIO
 from ..runtimes import coremltools as ct
 from .base import Runner
 
@@ -47,11 +47,9 @@ class CoreMLRunner(Runner):
         return torch.float32   # packages take float32; fp16 is the compute precision inside
 
     def _predict(self, model, net: NetworkIO, *inputs: torch.Tensor) -> torch.Tensor:
-        n = self.max_batch
         parts = []
-        for i in range(0, inputs[0].shape[BATCH_AXIS], n):
-            arrays = {spec.name: x[i:i + n].detach().cpu().float().contiguous().numpy()
-                      for spec, x in zip(net.inputs, inputs)}
+        for feeds in net.slices(inputs, self.max_batch):
+            arrays = {k: v.detach().cpu().float().contiguous().numpy() for k, v in feeds.items()}
             parts.append(torch.from_numpy(np.asarray(model.predict(arrays)[net.output.name], dtype=np.float32)))
         return torch.cat(parts)
 

@@ -111,9 +111,7 @@ class TrtRunner(Runner):
     @staticmethod
     def _chunked(engine: _Engine, net: NetworkIO, *inputs: torch.Tensor) -> torch.Tensor:
         """Run in slices of at most the engine profile's max batch."""
-        n, total = engine.max_batch, inputs[0].shape[BATCH_AXIS]
-        return torch.cat([engine.run(**{spec.name: x[i:i + n] for spec, x in zip(net.inputs, inputs)}).float()
-                          for i in range(0, total, n)])
+        return torch.cat([engine.run(**feeds).float() for feeds in net.slices(inputs, engine.max_batch)])
 
     def encode_audio_impl(self, mel_windows: torch.Tensor) -> torch.Tensor:
         return self._chunked(self.enc, AUDIO_ENCODER, mel_windows)

@@ -35,6 +35,12 @@ class NetworkIO:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def slices(self, inputs: tuple, most: int):
+        """{name: slice} feeds over consecutive batch slices of at most `most` (for a fixed maximum batch)."""
+        total = inputs[0].shape[BATCH_AXIS]
+        for i in range(0, total, most):
+            yield {spec.name: x[i:i + most] for spec, x in zip(self.inputs, inputs)}
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export's `dynamic_axes`: the batch axis of every input and the output."""
         return {t.name: {BATCH_AXIS: BATCH_AXIS_NAME} for t in (*self.inputs, self.output)}
