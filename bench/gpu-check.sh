@@ -51,7 +51,8 @@ STEPS=$WORK/steps.tsv
 : > "$STEPS"
 export PYTHONUNBUFFERED=1
 # budget in seconds, and the seconds each step leaves for the steps after it (R_*). The dry run's budget is
-# generous: it only stops a hang (about 90 s of it are used on an idle 2-core CPU, 5 minutes under load 14).
+# generous: it only stops a hang (on a 2-core VM under load average ~13 from other work the dry run took 280 s
+# of wall time and 90 s of CPU time).
 if [ "$DRY" = 1 ]; then
     MODE=dry-run; BUDGET=${GPU_CHECK_BUDGET:-600}
     R_SETUP=400 R_INFO=380 R_PYTEST=350 R_BENCH=200 R_E2E=150 R_C1=0 R_SERVE=100 R_FRAMES=40 R_COMPARE=10

@@ -1,6 +1,7 @@
 """bench/gpu-check.sh --dry-run: the GPU check's steps on this CPU with tiny sizes, so the script cannot rot
-between GPU loans. One run (about a minute and a half on an idle 2-core CPU) serves every test here; each test
-reads what the script left under $OUT, the folder the device tool brings back (at most 8 files)."""
+between GPU loans. One run serves every test here (90 s of CPU time; 280 s of wall time on a 2-core VM under
+load average ~13); each test reads what the script left under $OUT, the folder the device tool brings back
+(at most 8 files)."""
 from __future__ import annotations
 
 import json
