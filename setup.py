@@ -26,6 +26,7 @@ setup(
         "coreml": ["coremltools>=8.0"],
         "gpu": ["triton>=3.0"],
         "serve": ["aiohttp>=3.9"],
+        "ray": ["ray[serve]>=2.9"],                         # batch --ray, serve --ray (docs/SCALING.md)
         "compare": ["scikit-image>=0.19"],                 # SSIM in `python -m lipsync_trt compare`
         "dev": [
             "pytest>=8",
@@ -33,6 +34,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "aiohttp>=3.9",
+            "ray[serve]>=2.9",                             # the Ray batch and Ray Serve tests (local Ray, CPU)
             "matplotlib>=3.7",
             "scikit-image>=0.19",
             "playwright>=1.40",                            # browser-client test, with the system chromium

@@ -1,0 +1,208 @@
+"""The streaming server as a Ray Serve application: the same protocol, URL and browser client as
+`python -m lipsync_trt serve`, with Ray's HTTP proxy taking the WebSockets and replicas (one per GPU) serving them.
+
+Each replica is the plain server's core (`serve.server.Server`: models, avatars, the cross-stream batcher, the
+protocol's `Connection`) behind a FastAPI ingress; this module is only the transport. A WebSocket is one request
+to Serve, so one replica serves a connection for its whole life. Importable for `serve run` / KubeRay:
+`lipsync_trt.distributed.serve_app:build` with args {"argv": "<the serve command's options>"}.
+"""
+
+# (no `from __future__ import annotations`: FastAPI must see the WebSocket annotation as a class, not a string)
+import asyncio
+import shlex
+import time
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+
+from ..serve.protocol import Status, error_response
+from ..serve.server import STATIC, Connection, ServeConfig, Server, load_models
+
+ingress = FastAPI(title="lipsync_trt", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _Socket:
+    """What `Connection` uses of an aiohttp WebSocket (send_bytes, close, closed) over a Starlette one."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws, self.closed = ws, False
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            await self.ws.send_bytes(data)
+        except Exception:          # the peer went away; the receive loop sees the disconnect
+            self.closed = True
+
+    async def close(self, code: int = 1000, message: bytes = b"", drain: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.ws.close(code=code, reason=message.decode("utf-8", "replace"))
+        except Exception:
+            pass
+
+
+class _Match:
+    """What the plain server's JSON handlers read of an aiohttp request: the route's match_info."""
+
+    def __init__(self, **match_info: str):
+        self.match_info = match_info
+
+
+async def _json(handler, **match_info) -> Response:
+    """Run one of the plain server's aiohttp JSON handlers (avatars.json, meta.json, stats) and return its answer
+    as a Starlette response, so both transports serve the same bodies."""
+    from aiohttp import web
+
+    try:
+        r = await handler(_Match(**match_info))
+    except web.HTTPException as exc:
+        return Response(exc.text or exc.reason, status_code=exc.status)
+    return Response(r.body, status_code=r.status, media_type=r.content_type)
+
+
+@serve.deployment(name="lipsync", health_check_period_s=10, graceful_shutdown_timeout_s=5)
+@serve.ingress(ingress)
+class Replica:
+    """One replica: the models, avatars and batcher of `ServeConfig`, serving the WebSockets Ray routes to it."""
+
+    def __init__(self, cfg: ServeConfig):
+        cfg.check()
+        entries, encoder = load_models(cfg)
+        self.server = Server(cfg, entries, encoder)
+        self._started = False
+
+    async def _start(self) -> None:
+        if not self._started:       # the scheduler and the idle sweep run on this replica's event loop
+            self._started = True
+            await self.server._startup(None)
+
+    @ingress.websocket("/")
+    async def websocket(self, ws: WebSocket) -> None:
+        """The plain server's WebSocket loop (`Server.websocket`) over Starlette: messages go to the protocol's
+        `Connection`, which answers through `_Socket`."""
+        await self._start()
+        await ws.accept()
+        srv, sock = self.server, _Socket(ws)
+        conn = Connection(srv, sock)
+        writer = asyncio.ensure_future(conn.writer())
+        srv.stats["connections"] += 1
+        srv.sockets.add(sock)
+        srv.connections.add(conn)
+        try:
+            while not conn.closed:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                conn.last_msg = time.monotonic()
+                if msg.get("bytes") is None:
+                    srv.stats["error_malformed"] += 1
+                    conn.send(error_response(Status.MALFORMED, 0, "text message; the protocol is binary"))
+                    continue
+                try:
+                    conn.on_message(msg["bytes"])
+                except Exception as exc:   # a bug must not take the connection (or the replica) down
+                    srv.stats["error_internal"] += 1
+                    conn.send(error_response(Status.INTERNAL, 0, f"internal error: {exc}"[:200]))
+        finally:
+            srv.sockets.discard(sock)
+            srv.connections.discard(conn)
+            conn.close()
+            try:
+                await asyncio.wait_for(writer, timeout=5)
+            except (asyncio.TimeoutError, Exception):
+                writer.cancel()
+            await sock.close()
+
+    @ingress.get("/")
+    async def root(self):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @ingress.get("/static/{name}")
+    async def static(self, name: str):
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC.resolve() or not path.is_file():
+            return Response("not found", status_code=404)
+        return FileResponse(path)
+
+    @ingress.get("/avatars.json")
+    async def avatars(self):
+        return await _json(self.server.get_avatars)
+
+    @ingress.get("/avatar/{name}/meta.json")
+    async def meta(self, name: str):
+        return await _json(self.server.get_meta, name=name)
+
+    @ingress.get("/avatar/{name}/frame/{n}.jpg")
+    async def frame(self, name: str, n: str):
+        entry = self.server.entries.get(name)
+        if entry is None or not n.isdigit() or not 0 <= int(n) < entry.avatar.count:
+            return Response("no such frame", status_code=404)
+        return FileResponse(entry.avatar.frame_path(int(n)), headers={"Cache-Control": "max-age=3600"})
+
+    @ingress.get("/stats")
+    async def stats(self):
+        """This replica's streams and counters (Ray routes the request to any one replica; `replica_pid` says
+        which)."""
+        import json
+        import os
+
+        r = await _json(self.server.get_stats)
+        return JSONResponse({**json.loads(r.body), "replica_pid": os.getpid()})
+
+    def check_health(self) -> None:
+        """Ray Serve's health probe: the model worker must be alive (a replica without it is replaced)."""
+        worker = getattr(self.server.scheduler.batcher, "_thread", None)
+        if self._started and worker is not None and not worker.is_alive():
+            raise RuntimeError("the batcher's model thread has stopped")
+
+    async def __del__(self) -> None:
+        """Replica shutdown: open WebSockets get 1001 (going away), the batcher stops."""
+        if self._started:
+            await self.server._shutdown(None)
+
+
+def deployment_options(cfg: ServeConfig, replicas: str, gpus: float, cpus: float) -> dict:
+    """Serve options: `replicas` 'N' (fixed) or 'MIN-MAX' (autoscaling on open connections), each replica with
+    `gpus` GPUs and `cpus` CPUs; a replica accepts more connections than --max-streams so that a stream beyond
+    its limit gets OVERLOADED instead of waiting in Ray's queue."""
+    options: dict = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+                     "max_ongoing_requests": max(16, 4 * cfg.max_streams)}
+    lo, sep, hi = replicas.partition("-")
+    if sep:
+        options["autoscaling_config"] = {"min_replicas": int(lo), "max_replicas": int(hi),
+                                         "target_ongoing_requests": max(1, cfg.max_streams // 2)}
+    else:
+        options["num_replicas"] = int(lo)
+    return options
+
+
+def app(cfg: ServeConfig, replicas: str = "1", gpus: float = 0.0, cpus: float = 1.0):
+    """The bound Serve application for `serve.run`."""
+    return Replica.options(**deployment_options(cfg, replicas, gpus, cpus)).bind(cfg)
+
+
+def build(args: dict):
+    """Application builder for `serve run lipsync_trt.distributed.serve_app:build argv='...'` and KubeRay's
+    RayService (`import_path` + `args: {argv: ...}`): argv holds the `serve` command's options."""
+    import argparse
+
+    from ..serve.cli import add_parser, config_from_args
+
+    argv = args.get("argv", "")
+    argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
+    parser = argparse.ArgumentParser(prog="lipsync_trt.distributed.serve_app:build")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    ns = parser.parse_args(["serve", *argv])
+    if ns.demo:
+        raise ValueError("--demo writes its files into a temporary folder of one machine; give real paths here")
+    cfg = config_from_args(ns)
+    return app(cfg, ns.replicas, ns.gpus_per_replica or 0.0, ns.cpus_per_replica or 1.0)
+
+
+__all__ = ["Replica", "app", "build", "deployment_options", "ingress"]
