@@ -205,11 +205,16 @@ class StreamResampler:
 
     def push(self, x: np.ndarray) -> np.ndarray:
         """float32 samples at `rate` -> the 16 kHz samples the resampler can give now."""
+        if self._rs is None and self.rate != R.SAMPLE_RATE:
+            raise AudioError("push after flush: this resampler has ended")
         return x if self._rs is None else self._rs.resample_chunk(x)
 
     def flush(self) -> np.ndarray:
-        """End of input: the samples held back."""
-        return np.zeros(0, np.float32) if self._rs is None else self._rs.resample_chunk(np.zeros(0, np.float32), last=True)
+        """End of input: the samples held back (the resampler is released: push no more)."""
+        if self._rs is None:
+            return np.zeros(0, np.float32)
+        out, self._rs = self._rs.resample_chunk(np.zeros(0, np.float32), last=True), None
+        return out
 
 
 class IncrementalMel:

@@ -15,8 +15,10 @@ FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
+import weakref
 import time
 import traceback
 from dataclasses import dataclass
@@ -39,6 +41,16 @@ class _Job:
     audio: torch.Tensor
     t_ready: float       # when it was queued for the generator: the batching clock
     t_arrived: float     # when the audio that made it ready arrived: the deadline's clock
+
+
+_RUNNING: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop the workers still running at interpreter exit, before the runtimes they call are torn down."""
+    for b in list(_RUNNING):
+        b.stop()
 
 
 class Batcher:
@@ -67,6 +79,7 @@ class Batcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lipsync-batcher", daemon=True)
                 self._thread.start()
+                _RUNNING.add(self)
         return self
 
     def stop(self) -> None:

@@ -153,13 +153,18 @@ def _blend_torch(template: torch.Tensor, mouth: torch.Tensor, px: int) -> torch.
 
 def generator_inputs(crops328: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, 328, 328, 3) uint8 crops -> (B, 6, 320, 320) generator input [roi, masked roi] / 255 (RECIPE §6), on the
-    crops' device: what `prepare` returns with them, from the crops alone (a template cache keeps only those)."""
+    crops' device: what `prepare` returns with them, from the crops alone (a template cache keeps only those).
+    v / 255 in float32, then cast, equals `_unit_lut` (float64, then cast) for all 256 values in float32, float16
+    and bfloat16 (tests/test_stream.py checks it)."""
     o, n = R.ROI_OFFSET, R.ROI_SIZE
-    x = _unit_lut(crops328.device, dtype)[crops328[:, o:o + n, o:o + n].permute(0, 3, 1, 2).long()]
-    masked = x.clone()
+    out = torch.empty(len(crops328), 6, n, n, dtype=torch.float32, device=crops328.device)
+    roi = out[:, :3]
+    roi.copy_(crops328[:, o:o + n, o:o + n].permute(0, 3, 1, 2))
+    roi.div_(255)
+    out[:, 3:] = roi
     mx, my, mw, mh = R.MASK_RECT
-    masked[:, :, my:my + mh, mx:mx + mw] = 0
-    return torch.cat([x, masked], dim=1)
+    out[:, 3:, my:my + mh, mx:mx + mw] = 0
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 IMPLS = ("auto", "triton", "opencv", "torch")

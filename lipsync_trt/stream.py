@@ -9,6 +9,7 @@ through a `batcher.Batcher`, which may batch them with other streams').
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import threading
@@ -149,6 +150,9 @@ class _OutputCounts:
         self.resampler = A.StreamResampler(rate)
         self.table = np.zeros(0, np.int64)
 
+    def close(self) -> None:
+        self.resampler.flush()
+
     def until(self, samples: int, chunks: int = 0) -> np.ndarray:
         """The table, long enough to reach `samples` outputs and to hold `chunks` entries."""
         with self.lock:
@@ -162,9 +166,22 @@ class _OutputCounts:
             return self.table
 
 
-@functools.lru_cache(maxsize=16)
+_COUNTS: dict[tuple[int, int], _OutputCounts] = {}
+_COUNTS_LOCK = threading.Lock()
+
+
 def _output_counts(rate: int, chunk: int) -> _OutputCounts:
-    return _OutputCounts(rate, chunk)
+    with _COUNTS_LOCK:
+        if (rate, chunk) not in _COUNTS:
+            _COUNTS[rate, chunk] = _OutputCounts(rate, chunk)
+        return _COUNTS[rate, chunk]
+
+
+@atexit.register
+def _release_counts() -> None:
+    """Release the tables' resamplers before interpreter exit (soxr's bindings report live ones as leaks)."""
+    for counts in _COUNTS.values():
+        counts.close()
 
 
 def ready_chunk(frame: int, rate: int, chunk: int) -> int:

@@ -261,3 +261,17 @@ def test_bad_stream_options(ls):
     with pytest.raises(AvatarError, match="start frame"):
         ls.stream(start_frame=ls.avatar.count)
     assert issubclass(StreamError, LipsyncError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_generator_inputs_from_crops_equal_prepare(ls, dtype):
+    """The batcher derives generator inputs from cached uint8 crops; they must be prepare's, bit for bit (every
+    uint8 value occurs in the crops: v / 255 in float32 against prepare's float64 table)."""
+    from lipsync_trt import compose
+
+    frames = [torch.from_numpy(ls.avatar.frame(t).copy()) for t in range(ls.avatar.count)]
+    frames[0][:16, :16] = torch.arange(256, dtype=torch.uint8).reshape(16, 16, 1)
+    boxes = [(0, 0, 64, 64)] + [ls.avatar.boxes[t] for t in range(1, ls.avatar.count)]
+    inputs, crops = compose.prepare(frames, boxes, dtype)
+    assert len(torch.unique(crops)) == 256
+    assert torch.equal(compose.generator_inputs(crops, dtype), inputs)
