@@ -25,7 +25,7 @@ setup(
         "tensorrt": ["onnx>=1.16", "tensorrt>=10"],
         "coreml": ["coremltools>=8.0"],
         "gpu": ["triton>=3.0"],
-        "serve": ["aiohttp>=3.9"],
+        "serve": ["aiohttp>=3.14.4"],
         "ray": ["ray[serve]>=2.9"],                         # batch --ray, serve --ray (docs/SCALING.md)
         "compare": ["scikit-image>=0.19"],                 # SSIM in `python -m lipsync_trt compare`
         "dev": [
@@ -33,7 +33,7 @@ setup(
             "librosa>=0.10",
             "onnx>=1.16",
             "onnxruntime>=1.18",
-            "aiohttp>=3.9",
+            "aiohttp>=3.14.4",                             # keepalive_timeout closes never-used connections
             "ray[serve]>=2.9",                             # the Ray batch and Ray Serve tests (local Ray, CPU)
             "matplotlib>=3.7",
             "scikit-image>=0.19",

@@ -50,6 +50,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-message", type=int, default=MAX_MESSAGE_BYTES, metavar="BYTES",
                    help=f"largest request answered normally; larger ones get MALFORMED (default {MAX_MESSAGE_BYTES}; "
                         "WebSocket messages over 1 MiB close the connection)")
+    p.add_argument("--stream-idle-s", type=float, default=10.0, metavar="S",
+                   help="a stream that gets no audio chunk for this long is ended by the server as if the client had "
+                        "ended it: its last frames are made, then END (whose error.txt says why), and its "
+                        "--max-streams slot is free again; the next chunk starts a new stream (ids from 0). "
+                        "Default 10; 0 = never")
+    p.add_argument("--http-idle-s", type=float, default=15.0, metavar="S",
+                   help="an HTTP connection that goes this long without a complete request (request line and "
+                        "headers) is closed: counted from its opening (a client that sends nothing or half a header) "
+                        "or from its last response (an idle keep-alive connection). WebSockets are not affected once "
+                        "open. Default 15")
+    p.add_argument("--ws-idle-s", type=float, default=120.0, metavar="S",
+                   help="a WebSocket with no stream open or being answered that receives no message for this long is "
+                        "closed (code 1000); the browser client reconnects. Default 120; 0 = never")
     p.add_argument("--demo", action="store_true",
                    help="also serve the synthetic avatar 'demo' with seeded UNTRAINED weights (no files needed)")
     p.set_defaults(handler=run_serve)
@@ -102,6 +115,7 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_streams=args.max_streams,
                        max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, policy=args.policy,
                        jpeg_quality=args.jpeg_quality, max_message=args.max_message,
+                       stream_idle_s=args.stream_idle_s, http_idle_s=args.http_idle_s, ws_idle_s=args.ws_idle_s,
                        options={"engines": args.engines} if args.engines else {})
 
 

@@ -19,6 +19,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from ..audio import MAX_ABS_SAMPLE
+
 HEADER = struct.Struct("<4I")
 HEADER_BYTES = HEADER.size                   # 16
 STREAM_RATE = 24000                          # Hz, the client's audio
@@ -35,7 +37,7 @@ FRAME_FILE, BOX_FILE, ERROR_FILE, REUSED_FILE = "frame.jpg", "bbox.bin", "error.
 
 class Status(IntEnum):
     OK = 0                  # ZIP with frame.jpg + bbox.bin (+ reused.txt when the mouth is a reused one)
-    MALFORMED = 1           # the request cannot be parsed (header, lengths, reserved, UTF-8, size, NaN, id jump)
+    MALFORMED = 1           # the request cannot be used (header, lengths, reserved, UTF-8, size, NaN/huge, id jump)
     UNKNOWN_MODEL = 2       # the model name is not an avatar this server was started with
     WRONG_SAMPLE_COUNT = 3  # audio byte length is neither 3,840 (960 samples) nor 0 (end of stream)
     OVERLOADED = 4          # frame dropped: queue of this stream full (policy reject) or too many streams
@@ -97,6 +99,10 @@ def decode_request(msg: bytes, max_message: int = MAX_MESSAGE_BYTES) -> Request:
     audio = np.frombuffer(msg, dtype="<f4", count=audio_len // 4, offset=HEADER_BYTES + name_len).astype(np.float32)
     if audio.size and not np.isfinite(audio).all():
         raise ProtocolError(Status.MALFORMED, "audio contains NaN or infinite samples", frame_id)
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak > MAX_ABS_SAMPLE:      # finite but absurd (3e38): refused like NaN, as audio.check_samples does
+        raise ProtocolError(Status.MALFORMED, f"audio contains samples beyond +-{MAX_ABS_SAMPLE:g} (peak {peak:.3g}); "
+                            "expected float32 samples in [-1, 1]", frame_id)
     return Request(model=model, frame_id=frame_id, audio=audio)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,8 +18,8 @@ import numpy as np
 
 from .. import recipe as R
 from ..errors import AudioError, UsageError
-from .protocol import (MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError, Status,
-                       decode_request, error_response)
+from .protocol import (HEADER, HEADER_BYTES, MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError,
+                       Status, decode_request, error_response)
 from .scheduler import POLICIES, ModelEntry, Scheduler
 from .session import END, Stream, ready_chunk, ready_chunk_period
 
@@ -47,6 +49,9 @@ class ServeConfig:
     max_gap: int = MAX_GAP_CHUNKS
     encode_threads: int = 2
     slow_client_s: float = 5.0                 # outgoing queue over its limit this long = client too slow (1008)
+    stream_idle_s: float = 10.0                # a stream with no chunk this long is ended by the server; 0 = never
+    http_idle_s: float = 15.0                  # an HTTP connection this long without a complete request is closed
+    ws_idle_s: float = 120.0                   # a WebSocket with no stream nor message this long is closed; 0 = never
     options: dict = field(default_factory=dict)   # passed to backends.load (e.g. engines)
 
     def check(self) -> None:
@@ -73,6 +78,11 @@ class ServeConfig:
             raise UsageError("--max-delay-ms must not be negative (0: no deadline)")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError("--jpeg-quality must be within 1..100")
+        for key in ("stream_idle_s", "ws_idle_s"):
+            if not 0 <= getattr(self, key) < float("inf"):
+                raise UsageError(f"--{key.replace('_', '-')} must be a number of seconds >= 0 (0: never)")
+        if not 0 < self.http_idle_s < float("inf"):
+            raise UsageError("--http-idle-s must be a positive number of seconds")
 
 
 def load_models(cfg: ServeConfig) -> tuple[dict[str, ModelEntry], object]:
@@ -105,14 +115,16 @@ class Connection:
     """One WebSocket: its streams one after another (a new stream may start after the previous one's end),
     their responses in order, a bounded outgoing queue."""
 
-    def __init__(self, server: "Server", ws):
-        self.server, self.ws = server, ws
+    def __init__(self, server: "Server", ws, transport=None):
+        self.server, self.ws, self.transport = server, ws, transport
         self.out: asyncio.Queue = asyncio.Queue()
         self.streams: list[Stream] = []           # the first is the one whose responses go out now
         self.current: Stream | None = None        # the stream taking audio
         self.pending: dict[int, list[bytes]] = {}
         self.closed = False
         self.over_since: float | None = None      # when the outgoing queue last reached out_limit
+        self.last_msg = self.last_audio = time.monotonic()   # last message; last chunk for the current stream
+        self.notes: dict[Stream, str] = {}        # streams the server ended: the reason their END carries
 
     def send(self, msg: bytes) -> None:
         """Queue a response. A client is too slow (closed with 1008) when its queue has stayed at or above
@@ -125,13 +137,34 @@ class Connection:
             if self.over_since is None:
                 self.over_since = now
             elif now - self.over_since > self.server.cfg.slow_client_s:
-                self.closed = True
-                self.server.stats["slow_clients"] += 1
-                asyncio.ensure_future(self.ws.close(code=1008, message=b"client too slow: responses not read"))
+                self.too_slow()
                 return
         self.out.put_nowait(msg)
 
+    def too_slow(self) -> None:
+        self.closed = True
+        self.server.stats["slow_clients"] += 1
+        asyncio.ensure_future(self.drop())
+
+    async def drop(self) -> None:
+        """Disconnect a client too slow to read its answers (1008) and free its buffers now: the queued answers,
+        then the socket, reset rather than left to drain into a peer that does not read."""
+        self.closed = True
+        while not self.out.empty():
+            self.out.get_nowait()
+        self.out.put_nowait(None)
+        try:       # the close frame, if the socket takes it; not waiting long for the peer's reply
+            await asyncio.wait_for(self.ws.close(code=1008, message=b"client too slow: responses not read",
+                                                 drain=False), 1.0)
+        except Exception:
+            pass
+        reset(self.transport)
+
     def emit(self, stream: Stream, msg: bytes) -> None:
+        if self.notes and len(msg) == HEADER_BYTES and stream in self.notes:
+            status, frame_id, _, _ = HEADER.unpack(msg)
+            if status == Status.END:              # a stream the server ended: its END says why
+                msg = error_response(Status.END, frame_id, self.notes[stream])
         if self.streams and stream is self.streams[0]:
             self.send(msg)
         else:
@@ -139,6 +172,7 @@ class Connection:
 
     def stream_done(self, stream: Stream) -> None:
         self.server.active.discard(stream)
+        self.notes.pop(stream, None)
         if stream in self.streams:
             self.streams.remove(stream)
         if self.current is stream:
@@ -193,15 +227,9 @@ class Connection:
             srv.active.add(stream)
             srv.stats["streams"] += 1
         if req.end:
-            self.current = None
-            try:
-                first, windows, n = stream.front.finish()
-            except AudioError as exc:
-                stream.deliver(0, (END, error_response(Status.END, 0, f"stream too short for a frame: {exc}"),
-                                   None, None))
-                return
-            srv.scheduler.submit(stream, first, windows, n)
+            self.end_stream(stream)
             return
+        self.last_audio = time.monotonic()
         try:
             got = stream.front.push(req.frame_id, req.audio)
         except ProtocolError as exc:
@@ -211,6 +239,40 @@ class Connection:
         if got is not None and len(got[1]):
             srv.scheduler.submit(stream, got[0], got[1])
 
+    def end_stream(self, stream: Stream, note: str | None = None) -> None:
+        """End the current stream (the client's end message, or the server's idle limit: then `note` is the END's
+        error.txt): its last frames are made, then END."""
+        self.current = None
+        if note:
+            self.notes[stream] = note
+        try:
+            first, windows, n = stream.front.finish()
+        except AudioError as exc:
+            reason = f"stream too short for a frame: {exc}"
+            stream.deliver(0, (END, error_response(Status.END, 0, f"{note}; {reason}" if note else reason),
+                               None, None))
+            return
+        self.server.scheduler.submit(stream, first, windows, n)
+
+    def check_idle(self, now: float) -> None:
+        """The server's sweep: a client too slow even when no new answer comes (send checks the others); end the
+        current stream after stream_idle_s without a chunk; close the WebSocket after ws_idle_s without a message
+        while it has no stream open or still being answered."""
+        cfg = self.server.cfg
+        if self.closed:
+            return
+        if self.over_since is not None and now - self.over_since > cfg.slow_client_s:
+            self.too_slow()
+        elif self.current is not None:
+            if cfg.stream_idle_s and now - self.last_audio >= cfg.stream_idle_s:
+                self.server.stats["idle_streams"] += 1
+                self.end_stream(self.current, f"no audio for {cfg.stream_idle_s:g} s: the server ended the stream")
+        elif not self.streams and cfg.ws_idle_s and now - self.last_msg >= cfg.ws_idle_s:
+            self.server.stats["idle_connections"] += 1
+            self.closed = True
+            asyncio.ensure_future(self.ws.close(code=1000, message=f"idle: no message for {cfg.ws_idle_s:g} s"
+                                                .encode()))
+
     def close(self) -> None:
         self.closed = True
         for s in self.streams + ([self.current] if self.current else []):
@@ -218,6 +280,7 @@ class Connection:
             s.done = True
             self.server.active.discard(s)
         self.streams.clear()
+        self.notes.clear()
         self.current = None
         self.out.put_nowait(None)
 
@@ -229,6 +292,8 @@ class Server:
                                    cfg.jpeg_quality, cfg.encode_threads, max_delay=cfg.max_delay_ms / 1000)
         self.active: set[Stream] = set()
         self.sockets: set = set()                 # open WebSockets, closed with 1001 (going away) at shutdown
+        self.connections: set[Connection] = set()
+        self._sweeper: asyncio.Future | None = None
         self.stats = self.scheduler.stats
         self.out_limit = 4 * cfg.max_queue + 64
         self.started = time.time()
@@ -249,11 +314,29 @@ class Server:
 
     async def _startup(self, _app) -> None:
         self.scheduler.start()
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Every fraction of the smallest limit: slow clients dropped, idle streams ended, idle WebSockets closed."""
+        limits = [t for t in (self.cfg.slow_client_s, self.cfg.stream_idle_s, self.cfg.ws_idle_s) if t > 0]
+        if not limits:
+            return
+        period = min(1.0, min(limits) / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                try:
+                    conn.check_idle(now)
+                except Exception:     # a bug must not stop the sweep
+                    self.stats["error_internal"] += 1
 
     async def _shutdown(self, _app) -> None:
         # without this the handlers of connected clients would keep aiohttp's shutdown waiting for its timeout
         from aiohttp import WSCloseCode
 
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await asyncio.gather(*[ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
                                for ws in list(self.sockets)], return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
@@ -270,12 +353,14 @@ class Server:
 
         ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE_BYTES, compress=False, heartbeat=30)
         await ws.prepare(request)
-        conn = Connection(self, ws)
+        conn = Connection(self, ws, request.transport)
         writer = asyncio.ensure_future(conn.writer())
         self.stats["connections"] += 1
         self.sockets.add(ws)
+        self.connections.add(conn)
         try:
             async for msg in ws:
+                conn.last_msg = time.monotonic()
                 if msg.type == WSMsgType.BINARY:
                     try:
                         conn.on_message(msg.data)
@@ -291,6 +376,7 @@ class Server:
                     break
         finally:
             self.sockets.discard(ws)
+            self.connections.discard(conn)
             conn.close()
             try:
                 await asyncio.wait_for(writer, timeout=5)
@@ -350,12 +436,27 @@ async def start(cfg: ServeConfig, entries=None, encoder=None):
     if entries is None:
         entries, encoder = load_models(cfg)
     server = Server(cfg, entries, encoder)
-    runner = web.AppRunner(server.app(), access_log=None)
+    # keepalive_timeout: since aiohttp 3.14.4 it also closes a connection that has not completed its first request
+    runner = web.AppRunner(server.app(), access_log=None, keepalive_timeout=cfg.http_idle_s)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, server, port
+
+
+def reset(transport) -> None:
+    """Drop a TCP connection now: abort (asyncio discards its unsent data) with SO_LINGER 0, so the kernel sends
+    a reset and frees the socket's buffers instead of keeping them for a peer that does not read."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 class ServerThread:
