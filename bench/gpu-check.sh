@@ -25,7 +25,7 @@
 # run: pytest, bench, e2e, compile, serve, compare; default all; setup and info always run, e.g. a second call
 # on the still-warm machine with GPU_CHECK_ONLY=compile GPU_CHECK_BUDGET=200 for what the first had no time for).
 # Data: .gpu-data/datasets/sanders (bench/gpu-fetch.sh), else $LIPSYNC_SHARED/datasets/sanders (default
-# ../shared); the dry run uses the synthetic demo avatar.
+# ../shared); the dry run uses the synthetic demo avatar unless GPU_CHECK_DATA=sanders.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
@@ -138,11 +138,10 @@ for d in .gpu-data "${LIPSYNC_SHARED:-../shared}"; do
     if [ -d "$d/datasets/sanders/full_body_img" ]; then SHARED=$(cd "$d" && pwd); break; fi
 done
 [ -n "$SHARED" ] && export LIPSYNC_SHARED=$SHARED   # tests/conftest.py reads it
-if [ "$DRY" = 1 ] || [ -z "$SHARED" ]; then
-    [ "$DRY" = 0 ] && say "WARNING: no sanders data (.gpu-data/datasets/sanders: run bench/gpu-fetch.sh, carry .gpu-data); the synthetic demo avatar instead"
+DATA=${GPU_CHECK_DATA:-$([ "$DRY" = 1 ] && echo demo || echo sanders)}   # GPU_CHECK_DATA=sanders: a dry run on sanders
+if [ "$DATA" = sanders ] && [ -z "$SHARED" ]; then
+    say "WARNING: no sanders data (.gpu-data/datasets/sanders: run bench/gpu-fetch.sh, carry .gpu-data); the synthetic demo avatar instead"
     DATA=demo
-else
-    DATA=sanders
 fi
 # seeded demo weights (speed does not depend on weight values; the compare runs need the same weights on both sides)
 step setup/inputs 120 "$R_SETUP" "$PY" -c "
