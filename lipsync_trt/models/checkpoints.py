@@ -16,6 +16,11 @@ from .generator import Generator
 ENCODER_PREFIX = "audio_encoder."
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) a state_dict, with a clear error for a missing or foreign file."""
     path = Path(path)
@@ -23,14 +28,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:   # weights_only refused a Python object: never offer to unpickle it
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" such as {found.group(1)}" if found else ""
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:GLOBAL|[Uu]nsupported global:?) ([\w.]+)", str(exc))
+        if not found:   # junk bytes or an unsupported opcode: not a pickle we can read
+            raise CheckpointError(f"{path}: not a readable PyTorch state_dict (not a plain pickle of tensors)") from None
+        what = f" such as {found.group(1)}"   # weights_only refused a Python object: never offer to unpickle it
         raise CheckpointError(f"{path}: not a plain state_dict: it holds pickled Python objects{what}, and it will "
                               f"not be unpickled (that could run code from the file)") from None
     except Exception as exc:  # zip and format errors mean "not a usable checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({_first_line(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
