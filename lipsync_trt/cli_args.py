@@ -9,7 +9,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     from .backends import NAMES   # (imports no optional runtime)
 
     p.add_argument("--backend", default="auto", choices=["auto", *NAMES],
-                   help="runtime (default auto: TensorRT engines on CUDA, else torch on CUDA, else Core ML on macOS, "
+                   help="runtime (default auto: TensorRT when --engines holds a TensorRT build of these checkpoints and CUDA is there, else torch on CUDA, else Core ML on macOS, "
                         "else ONNX Runtime when installed, else torch); `python -m lipsync_trt info` lists what is "
                         "usable here")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
