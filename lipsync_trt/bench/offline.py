@@ -327,7 +327,8 @@ class Bench:
 
         out = {}
         for dev in self.devices:
-            name, d = backends.select("auto", dev, self.args.engines)
+            name, d = backends.select("auto", dev, self.args.engines, generator=self.inputs.generator,
+                                      audio_encoder=self.inputs.audio_encoder)
             out[str(dev)] = {"backend": name, "batch": pipeline.default_batch_size(d)}
         return out
 
