@@ -140,11 +140,16 @@ def samples_needed(frame: int) -> int:
     return HOP_LENGTH * (window_start(last_window(frame)) + MEL_WINDOW - 1) + WIN_LENGTH // 2
 
 
+def template_period(count: int, start: int = 0) -> int:
+    """Video frames after which the ping-pong template order over images start..count-1 repeats: 2 (m - 1)."""
+    return 2 * (count - start - 1)
+
+
 def template_of(frame, count: int, start: int = 0):
     """Template image of video frame i in the ping-pong order 1, 2, ..., count-1, count-2, ..., 0, 1, ... over
     images start..count-1 (RECIPE §4): p = (i + 1) mod 2(m - 1), image start + min(p, 2(m - 1) - p). An int for
     an int frame, an array for an array of frames."""
-    period = 2 * (count - start - 1)
+    period = template_period(count, start)
     p = (np.asarray(frame, dtype=np.int64) + 1) % period
     out = start + np.minimum(p, period - p)
     return int(out) if out.ndim == 0 else out
