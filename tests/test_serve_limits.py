@@ -137,7 +137,7 @@ def test_idle_streams_are_ended_and_free_their_slots(fast, checkpoints):
     then the third client's stream is accepted, and the first client's connection takes a new stream."""
     import aiohttp
 
-    idle = 0.5
+    idle = 1.0
     srv = start(fast, checkpoints, max_streams=2, stream_idle_s=idle, http_idle_s=0.3)
 
     async def main():
