@@ -179,87 +179,61 @@ class Avatar:
         return frame_order(num_frames, self.count, start)
 
 
-class TemplateCache:
-    """Template frames decoded once and their generator inputs prepared once, kept on one device (the earlier
-    implementations' "tensor cache"): a template's crop never changes, so a long clip pays one JPEG decode,
-    one host-to-device copy and one prepare per template instead of one per video frame.
-
-    It keeps every template it is asked for, so `pipeline` builds one only when `nbytes` of all the templates
-    a clip uses fits its memory budget (by default on CUDA, where decoding would otherwise bound the speed).
-    """
-
-    def __init__(self, avatar: "Avatar", device, dtype):
-        import torch
-
-        self.avatar, self.device, self.dtype = avatar, torch.device(device), dtype
-        self.frames: dict = {}
-        self.inputs: dict = {}
-        self.crops: dict = {}
-
-    @staticmethod
-    def nbytes(avatar: "Avatar", templates: int, dtype) -> int:
-        """Device memory for `templates` cached templates: the frame, the (6, 320, 320) input, the 328 crop."""
-        per = avatar.height * avatar.width * 3 + 6 * R.ROI_SIZE ** 2 * dtype.itemsize + R.CROP_SIZE ** 2 * 3
-        return templates * per
-
-    def get(self, ids: list[int]):
-        """(frames (B, H, W, 3) uint8 — a fresh copy to paste into —, inputs (B, 6, 320, 320), crops
-        (B, 328, 328, 3), boxes) for template ids, decoding and preparing the ones not seen yet."""
-        import torch
-
-        from . import compose
-
-        missing = sorted(set(ids) - self.frames.keys())
-        if missing:
-            frames = [torch.from_numpy(self.avatar.frame(t).copy()).to(self.device) for t in missing]
-            inputs, crops = compose.prepare(frames, [self.avatar.boxes[t] for t in missing], self.dtype)
-            for k, t in enumerate(missing):
-                self.frames[t], self.inputs[t], self.crops[t] = frames[k], inputs[k], crops[k]
-        return (torch.stack([self.frames[t] for t in ids]), torch.stack([self.inputs[t] for t in ids]),
-                torch.stack([self.crops[t] for t in ids]), [self.avatar.boxes[t] for t in ids])
-
-
 class TemplateCrops:
-    """The 328x328 uint8 crop of each template (RECIPE §6), kept on one device in an LRU of `size` templates (None:
-    all). Both generator inputs (`compose.generator_inputs`) and the paste derive from the crop, so a template costs
-    one JPEG decode and one resize at its first use. Thread-safe: the streaming core and the server share one."""
+    """The prepared-template cache: the 328x328 uint8 crop of each template (RECIPE §6) and, with frames=True, the
+    decoded template frame, on one device, in an LRU of `size` templates (None: all). Both generator inputs
+    (`compose.generator_inputs`) and the paste derive from the crop, so a cached template costs no JPEG decode and
+    no resize. Used by the offline pipeline, `LipSync.stream` and the server; thread-safe."""
 
-    def __init__(self, avatar: "Avatar", device, size: int | None = None):
+    def __init__(self, avatar: "Avatar", device, size: int | None = None, frames: bool = False):
         import torch
 
-        self.avatar, self.device, self.size = avatar, torch.device(device), size
-        self._crops: OrderedDict = OrderedDict()
+        self.avatar, self.device, self.size, self.keep_frames = avatar, torch.device(device), size, frames
+        self._items: OrderedDict = OrderedDict()     # template -> (crop, frame or None)
         self._lock = threading.Lock()
         self.misses = 0
 
     @staticmethod
-    def nbytes(templates: int) -> int:
-        """Memory of `templates` cached crops."""
-        return templates * R.CROP_SIZE ** 2 * 3
+    def nbytes(avatar: "Avatar", templates: int, frames: bool = False) -> int:
+        """Memory of `templates` cached templates: the 328 crop, and the frame with frames=True."""
+        return templates * (R.CROP_SIZE ** 2 * 3 + (avatar.height * avatar.width * 3 if frames else 0))
 
     def get(self, ids: list[int]):
         """(crops (B, 328, 328, 3) uint8 on the device, boxes [(x1, y1, x2, y2)]) for template ids."""
         import torch
 
+        return torch.stack([self._item(t)[0] for t in ids]), [tuple(int(v) for v in self.avatar.boxes[t]) for t in ids]
+
+    def frame(self, t: int):
+        """Template frame t (H, W, 3) uint8 on the device; read-only (clone it to paste into): cached with
+        frames=True, else decoded (through the avatar's small LRU)."""
+        import torch
+
+        if self.keep_frames:
+            return self._item(t)[1]
+        return torch.from_numpy(self.avatar.frame(t).copy()).to(self.device)
+
+    def _item(self, t: int):
+        import torch
+
         from . import compose
 
-        out = []
-        for t in ids:
-            with self._lock:
-                crop = self._crops.get(t)
-                if crop is not None:
-                    self._crops.move_to_end(t)
-            if crop is None:
-                x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[t])
-                region = torch.from_numpy(self.avatar.frame(t)[y1:y2, x1:x2].copy()).to(self.device)
-                crop = compose.prepare([region], [(0, 0, x2 - x1, y2 - y1)])[1][0]
-                with self._lock:
-                    self.misses += 1
-                    self._crops[t] = crop
-                    while self.size is not None and len(self._crops) > self.size:
-                        self._crops.popitem(last=False)
-            out.append(crop)
-        return torch.stack(out), [tuple(int(v) for v in self.avatar.boxes[t]) for t in ids]
+        with self._lock:
+            item = self._items.get(t)
+            if item is not None:
+                self._items.move_to_end(t)
+                return item
+        img = self.avatar.frame(t)
+        x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[t])
+        region = torch.from_numpy(img[y1:y2, x1:x2].copy()).to(self.device)
+        crop = compose.prepare([region], [(0, 0, x2 - x1, y2 - y1)])[1][0]
+        item = (crop, torch.from_numpy(img.copy()).to(self.device) if self.keep_frames else None)
+        with self._lock:
+            self.misses += 1
+            self._items[t] = item
+            while self.size is not None and len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item
 
 
 def decode(path: Path, height: int, width: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from . import audio as A
 from . import compose
 from . import recipe as R
-from .avatar import Avatar, TemplateCache
+from .avatar import Avatar, TemplateCrops
 from .backends.base import Runner
 from .errors import UsageError
 
@@ -46,15 +46,16 @@ CACHE_FREE_FRACTION = 0.25      # ... and at most this share of the device's fre
 
 
 def use_template_cache(runner: Runner, avatar: Avatar, templates: int, cache: bool | None = None) -> bool:
-    """Whether iter_frames keeps decoded + prepared templates on the device: `cache` when given, else on CUDA
-    when all `templates` fit the budget. On a CPU decoding a template costs a few percent of a generator call,
-    and the whole avatar would take gigabytes of host memory, so it stays off there by default."""
+    """Whether iter_frames keeps each template's crop and decoded frame on the device (`avatar.TemplateCrops`):
+    `cache` when given, else on CUDA when all `templates` fit the budget. On a CPU it stays off by default: a clip
+    reuses a template only after a ping-pong period (sanders: 1,044 frames), and the whole avatar would take
+    gigabytes of host memory (measured: docs/BENCHMARKS.md, "Template cache")."""
     if cache is not None:
         return cache
     if runner.device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(runner.device)
-    need = TemplateCache.nbytes(avatar, templates, runner.dtype)
+    need = TemplateCrops.nbytes(avatar, templates, frames=True)
     return need <= min(CACHE_BUDGET, CACHE_FREE_FRACTION * free)
 
 
@@ -155,17 +156,19 @@ class Worker(threading.Thread):
 
 
 def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int],
-                 cache: TemplateCache | None = None, feather: int = 0) -> list[torch.Tensor]:
+                 cache: TemplateCrops | None = None, feather: int = 0) -> list[torch.Tensor]:
     """Synchronous single batch: template frames + feature windows -> composited frames (H, W, 3) uint8 BGR
-    on the runner's device. The streaming server and tests use this; `iter_frames` overlaps the same steps."""
+    on the runner's device. Tests use this; `iter_frames` overlaps the same steps."""
     prepared = _prepare(runner, avatar, list(template_ids), cache)
     pred = runner.generate(prepared[1], audio_windows)
     return _paste(prepared, pred, feather)
 
 
-def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCache | None = None):
-    if cache is not None:
-        return cache.get(template_ids)
+def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCrops | None = None):
+    if cache is not None:   # inputs derived from the cached crops; a fresh copy of each frame to paste into
+        crops, boxes = cache.get(template_ids)
+        frames = [cache.frame(t).clone() for t in template_ids]
+        return frames, compose.generator_inputs(crops, runner.dtype), crops, boxes
     frames = [torch.from_numpy(avatar.frame(t).copy()).to(runner.device) for t in template_ids]
     boxes = [avatar.boxes[t] for t in template_ids]
     inputs, crops = compose.prepare(frames, boxes, runner.dtype)
@@ -281,7 +284,7 @@ def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[
     indices = list(range(n)) if indices is None else indices
     order = avatar.order(n, start_frame)
     used = len({int(order[i]) for i in indices})
-    templates = TemplateCache(avatar, runner.device, runner.dtype) if use_template_cache(
+    templates = TemplateCrops(avatar, runner.device, frames=True) if use_template_cache(
         runner, avatar, used, cache) else None
     bs = batch_size or default_batch_size(runner)
     batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]

@@ -1,5 +1,5 @@
-"""The template cache (decoded + prepared templates kept on the device) gives the same frames as decoding each
-video frame's template afresh, and decodes every template once."""
+"""The prepared-template cache (avatar.TemplateCrops: 328 crops, and decoded frames for the offline pipeline) gives
+the same frames as decoding and preparing each video frame's template afresh, and decodes every template once."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +22,7 @@ def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_ru
     plain = dict(pipeline.iter_frames(torch_runner, av, feats, indices, batch_size=4, cache=False))
     assert sorted(decoded) == sorted(ids)
     decoded.clear()
-    cache = AV.TemplateCache(av, torch_runner.device, torch_runner.dtype)
+    cache = AV.TemplateCrops(av, torch_runner.device, frames=True)
     twice = []
     for _ in range(2):   # the same templates twice: the second pass must not decode again
         prepared = pipeline._prepare(torch_runner, av, ids, cache)
@@ -33,13 +33,22 @@ def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_ru
         assert torch.equal(twice[0][k], plain[i]) and torch.equal(twice[1][k], plain[i])
     # the cache's own frames stay pristine (paste writes into copies)
     for t in set(ids):
-        assert np.array_equal(cache.frames[t].numpy(), frame(t))
+        assert np.array_equal(cache.frame(t).numpy(), frame(t))
     cached = dict(pipeline.iter_frames(torch_runner, av, feats, indices, batch_size=4, cache=True))
     assert all(torch.equal(cached[i], plain[i]) for i in indices)
+
+
+def test_lru_keeps_size_templates(sanders):
+    av = AV.load(sanders)
+    cache = AV.TemplateCrops(av, "cpu", size=2)
+    for t in (0, 1, 0, 2, 0, 1):           # 1 is evicted by 2 (0 was used since), so it is prepared again
+        cache.get([t])
+    assert cache.misses == 4
 
 
 def test_cache_is_off_by_default_on_cpu(sanders, torch_runner):
     av = AV.load(sanders)
     assert not pipeline.use_template_cache(torch_runner, av, av.count)
     assert pipeline.use_template_cache(torch_runner, av, av.count, cache=True)
-    assert AV.TemplateCache.nbytes(av, 2, torch.float32) == 2 * (720 * 1280 * 3 + 6 * 320 * 320 * 4 + 328 * 328 * 3)
+    assert AV.TemplateCrops.nbytes(av, 2) == 2 * 328 * 328 * 3
+    assert AV.TemplateCrops.nbytes(av, 2, frames=True) == 2 * (720 * 1280 * 3 + 328 * 328 * 3)
