@@ -107,6 +107,11 @@ def num_video_frames(n_windows: int) -> int:
     return n_windows + 2
 
 
+def num_frames(samples: int) -> int:
+    """Video frames made from `samples` 16 kHz samples: N + 2 (AudioError when there is not one window)."""
+    return num_video_frames(num_windows(mel_frames(samples)))
+
+
 def feature_rows(frame: int) -> range:
     """Rows of the padded features (N + 2 rows) that make video frame i's feature window: [i - 8, i + 8)."""
     return range(frame - FEATURE_CONTEXT, frame + FEATURE_CONTEXT)
