@@ -54,15 +54,16 @@ class LipSync:
             yield i, (frame if as_tensor else frame.cpu().numpy())
 
     def stream(self, rate: int = R.SAMPLE_RATE, mouths: bool = False, as_tensor: bool = False,
-               start_frame: int | None = None, batcher: Batcher | None = None) -> Stream:
+               start_frame: int | None = None, blend: str | None = None, batcher: Batcher | None = None) -> Stream:
         """A live stream, for audio that arrives in pieces (TTS, a call): `push(chunk)` returns every frame the chunk
         made ready, `close()` the last ones; a context manager. Chunks are 1-D float32 in [-1, 1] or int16 at
         `rate`, any length. Frames are (i, frame) as `frames()` yields them, or (i, box, mouth crop) with
-        mouths=True (what the server sends). Streams share this LipSync's `batcher` (or the one given), so streams
-        pushed from several threads share generator calls."""
+        mouths=True (what the server sends); `blend` overrides the one given to `load`. Streams share this
+        LipSync's `batcher` (or the one given), so streams pushed from several threads share generator calls."""
         start = self.start_frame if start_frame is None else start_frame
+        feather = self.feather if blend is None else compose.parse_blend(blend)
         return Stream(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, mouths=mouths,
-                      as_tensor=as_tensor, start_frame=start)
+                      as_tensor=as_tensor, start_frame=start, feather=feather)
 
     @property
     def templates(self) -> avatar_mod.TemplateCrops:

@@ -8,7 +8,8 @@ stays bounded in time however many streams share the device. A refused frame is 
 (`policy`): the client says no frame, or repeats its last one.
 
 A client is any object with: `runner` (its generator), `templates` (an `avatar.TemplateCrops` on the runner's
-device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `frames` (a `stream.ReadyFrames`,
+device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `feather` (optional: the box
+edge blend in pixels, `compose.parse_blend`), `frames` (a `stream.ReadyFrames`,
 for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
 FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), END (frame count), FAILED
 (reason; i = -1, nothing more follows).
@@ -265,20 +266,22 @@ class Batcher:
 
     @staticmethod
     def _compose(batch: list[_Job], crops: torch.Tensor, pred: torch.Tensor, boxes: list) -> list[torch.Tensor]:
-        """Each job's image: the mouth crop (compose.mouths) or the full frame with it pasted (compose.paste)."""
+        """Each job's image: the mouth crop (compose.mouths) or the full frame with it pasted (compose.paste), its
+        box edge feathered over the client's `feather` pixels (0: the reference's hard paste)."""
         out: list = [None] * len(batch)
-        for want in (True, False):
-            ks = [k for k, j in enumerate(batch) if bool(j.client.mouths) == want]
-            if not ks:
-                continue
+        groups: dict = {}
+        for k, j in enumerate(batch):
+            groups.setdefault((bool(j.client.mouths), int(getattr(j.client, "feather", 0))), []).append(k)
+        for (mouths, feather), ks in groups.items():
             sel = torch.tensor(ks, device=crops.device)
             bx = [boxes[k] for k in ks]
-            if want:
-                imgs = compose.mouths(crops[sel], pred[sel.to(pred.device)], bx)
+            if mouths:
+                templates = [compose.crop_box(batch[k].client.templates.frame(batch[k].template), boxes[k])
+                             for k in ks] if feather else None
+                imgs = compose.mouths(crops[sel], pred[sel.to(pred.device)], bx, feather=feather, templates=templates)
             else:
-                frames = [torch.from_numpy(batch[k].client.avatar.frame(batch[k].template).copy()).to(crops.device)
-                          for k in ks]
-                imgs = compose.paste(frames, crops[sel], pred[sel.to(pred.device)], bx)
+                frames = [batch[k].client.templates.frame(batch[k].template).clone() for k in ks]
+                imgs = compose.paste(frames, crops[sel], pred[sel.to(pred.device)], bx, feather=feather)
             for k, img in zip(ks, imgs):
                 out[k] = img
         return out

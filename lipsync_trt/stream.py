@@ -212,10 +212,10 @@ class Stream:
     ready, in order, none twice; `close()` returns the rest. Safe to use one stream per thread, many at once."""
 
     def __init__(self, runner, avatar, templates, batcher, rate: int, mouths: bool = False, as_tensor: bool = False,
-                 start_frame: int = 0, blend: str = "none"):
+                 start_frame: int = 0, feather: int = 0):
         avatar.order(2, start_frame)                 # validates the start frame
         self.runner, self.avatar, self.templates, self.batcher = runner, avatar, templates, batcher
-        self.mouths, self.as_tensor, self.blend = bool(mouths), bool(as_tensor), blend
+        self.mouths, self.as_tensor, self.feather = bool(mouths), bool(as_tensor), feather
         self.audio = AudioWindows(rate)
         self.frames = ReadyFrames(avatar.count, start_frame)
         self.closed = False                          # no more audio (close() was called)

@@ -47,12 +47,13 @@ def offline(ls):
     """frames(samples, rate) -> {i: BGR frame} from the whole-file path, cached."""
     cache: dict = {}
 
-    def run(x: np.ndarray, rate: int = 16000, start_frame: int | None = None) -> dict[int, np.ndarray]:
-        key = (x.tobytes(), rate, start_frame)
+    def run(x: np.ndarray, rate: int = 16000, start_frame: int | None = None, blend: str | None = None
+            ) -> dict[int, np.ndarray]:
+        key = (x.tobytes(), rate, start_frame, blend)
         if key not in cache:
             src = ls if start_frame is None else api.LipSync(ls.avatar, ls.runner, batch_size=4,
                                                              start_frame=start_frame)
-            cache[key] = dict(src.frames(x, rate=rate))
+            cache[key] = dict(src.frames(x, rate=rate, blend=blend))
         return cache[key]
 
     return run
@@ -112,12 +113,12 @@ def speech16(seconds: float, seed: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ equality
 
-@pytest.mark.parametrize("chunking", ["one-sample", "random", "over-1s", "int16", "start-frame"])
+@pytest.mark.parametrize("chunking", ["one-sample", "random", "over-1s", "int16", "start-frame", "feather"])
 def test_stream_equals_whole_file_frames(ls, offline, chunking):
     x = speech16(1.2, seed=1)
     rng = np.random.default_rng(7)
     kw: dict = {"rate": 16000}
-    start = None
+    start = blend = None
     if chunking == "one-sample":
         pieces = chunked(x, [1] * len(x))
     elif chunking == "random":
@@ -128,11 +129,14 @@ def test_stream_equals_whole_file_frames(ls, offline, chunking):
         pcm = np.round(x * 32767).astype(np.int16)
         x = pcm.astype(np.float32) / 32768                  # what the stream must make of the PCM
         pieces = chunked(pcm, rng.integers(1, 2000, size=len(x)))
-    else:
+    elif chunking == "start-frame":
         start = kw["start_frame"] = 3
         pieces = chunked(x, rng.integers(500, 3000, size=len(x)))
+    else:                                                   # the box edge blended as `--blend feather`
+        blend = kw["blend"] = "feather"
+        pieces = chunked(x, rng.integers(500, 3000, size=len(x)))
     got, _ = stream_all(ls, pieces, **kw)
-    print(chunking, check_equal(got, offline(x, start_frame=start), ls.avatar, start or 0))
+    print(chunking, check_equal(got, offline(x, start_frame=start, blend=blend), ls.avatar, start or 0))
 
 
 def test_stream_frames_leave_as_soon_as_their_audio_has_arrived(ls, offline):
@@ -163,10 +167,11 @@ def test_stream_at_24khz_is_close_to_whole_file(ls, offline):
     assert max(means) <= MAX_MEAN_24K, means
 
 
-def test_as_tensor_and_mouths(ls, offline):
+@pytest.mark.parametrize("blend", ["none", "feather:8"])
+def test_as_tensor_and_mouths(ls, offline, blend):
     x = speech16(0.5, seed=4)
-    ref = offline(x)
-    got, _ = stream_all(ls, chunked(x, [3000] * 10), rate=16000, mouths=True, as_tensor=True)
+    ref = offline(x, blend=blend)
+    got, _ = stream_all(ls, chunked(x, [3000] * 10), rate=16000, mouths=True, as_tensor=True, blend=blend)
     assert [i for i, *_ in got] == list(range(len(ref)))
     order = ls.avatar.order(len(ref))
     for i, box, crop in got:
