@@ -11,8 +11,9 @@ A client is any object with: `runner` (its generator), `templates` (an `avatar.T
 device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `feather` (optional: the box
 edge blend in pixels, `compose.parse_blend`), `frames` (a `stream.ReadyFrames`,
 for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
-FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), END (frame count), FAILED
-(reason; i = -1, nothing more follows).
+FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), ENCODED (i = the first window
+of an `encode` call, payload the frame ids it made ready, after their REJECTED answers if any), END (frame count),
+FAILED (reason; i = -1, nothing more follows).
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ import torch
 
 from . import compose
 from . import recipe as R
+from .errors import StreamError
 
 POLICIES = ("reject", "skip")
 ENCODER_BATCH = 256
-FRAME, REJECTED, SKIPPED, END, FAILED = "frame", "rejected", "skipped", "end", "failed"
+FRAME, REJECTED, SKIPPED, ENCODED, END, FAILED = "frame", "rejected", "skipped", "encoded", "end", "failed"
 
 
 @dataclass
@@ -96,9 +98,15 @@ class Batcher:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker runs (or will, at the first work) and has not been stopped."""
+        return not self._stop and (self._thread is None or self._thread.is_alive())
+
     def encode(self, client, first: int, windows: torch.Tensor, n_windows: int | None = None,
                t_arrived: float | None = None) -> None:
         """New encoder windows of a client (in order), and N when its audio has ended."""
+        self._check_alive()
         self.start()
         with self._cond:
             self._enc.append((client, first, windows, n_windows, t_arrived or time.perf_counter()))
@@ -106,12 +114,17 @@ class Batcher:
 
     def render(self, client, jobs: list[tuple[int, int, torch.Tensor]], t_arrived: float | None = None) -> None:
         """Ready frames [(frame, template, feature window)] of a client, to generate and compose."""
+        self._check_alive()
         self.start()
         now = time.perf_counter()
         admitted = [j for j in (self._admit(client, i, t, a, now, t_arrived or now) for i, t, a in jobs) if j]
         with self._cond:
             self._gen.extend(admitted)
             self._cond.notify_all()
+
+    def _check_alive(self) -> None:
+        if self._stop:
+            raise StreamError("the batcher was stopped: it takes no more work")
 
     def queued(self) -> int:
         """Frames waiting for the generator."""
@@ -178,28 +191,40 @@ class Batcher:
         return take
 
     def _encode(self, work: list) -> None:
+        """Encoder windows of many clients in batches (per encoder: `encoder`, else each client's runner), then
+        each client's ready frames go to the generator queue, ENCODED (their ids) and, at the end, END."""
         live = [w for w in work if not w[0].cancelled]
-        wins = [w[2] for w in live if len(w[2])]
-        feats = torch.zeros(0, R.FEATURE_DIM)
-        try:
-            if wins:
+        groups: dict = {}
+        for k, w in enumerate(live):
+            groups.setdefault(id(self.encoder or w[0].runner), []).append(k)
+        feats: list = [None] * len(live)
+        for ks in groups.values():
+            enc = self.encoder or live[ks[0]][0].runner
+            try:
+                wins = [live[k][2] for k in ks]
                 allw = torch.cat(wins)
-                feats = torch.cat([self.encoder.encode_audio(allw[i:i + ENCODER_BATCH]).float().cpu()
-                                   for i in range(0, len(allw), ENCODER_BATCH)])
-        except Exception as exc:
-            for client, *_ in live:
-                self._fail(client, f"audio encoder failed: {exc}")
-            raise
-        pos = 0
-        for client, first, w, n, t_arrived in live:
-            f = feats[pos:pos + len(w)]
-            pos += len(w)
+                out = torch.cat([enc.encode_audio(allw[i:i + ENCODER_BATCH]).float().cpu()
+                                 for i in range(0, len(allw), ENCODER_BATCH)]) if len(allw) else \
+                    torch.zeros(0, R.FEATURE_DIM)
+            except Exception as exc:
+                for k in ks:
+                    self._fail(live[k][0], f"audio encoder failed: {exc}")
+                traceback.print_exc()
+                continue
+            pos = 0
+            for k in ks:
+                feats[k] = out[pos:pos + len(live[k][2])]
+                pos += len(live[k][2])
+        for (client, first, w, n, t_arrived), f in zip(live, feats):
+            if f is None:
+                continue
             try:
                 jobs = client.frames.add(first, f, n)
             except Exception as exc:
                 self._fail(client, f"stream state: {exc}")
                 continue
             self.render(client, jobs, t_arrived)
+            client.on_result(first, ENCODED, [i for i, _, _ in jobs])
             if n is not None:
                 client.on_result(client.frames.frames_total, END, client.frames.frames_total)
 

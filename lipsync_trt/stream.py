@@ -4,8 +4,9 @@ the whole-file path on the same samples. `LipSync.stream` is its public face; th
 Two halves, each with one owner at a time:
   `AudioWindows`  samples at any rate -> incremental 16 kHz resampling and mel -> encoder input windows;
   `ReadyFrames`   encoder features in window order -> the video frames whose feature windows are complete.
-`Stream` joins them for one caller: push a chunk, get every frame that became ready (the generator calls go
-through a `batcher.Batcher`, which may batch them with other streams').
+`Stream` joins them for one caller: push a chunk, get every frame that became ready (the encoder and generator
+calls go through a `batcher.Batcher`, one worker thread that batches them with other streams' and is the only
+thread calling the runner, so runners need not be thread-safe).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from . import audio as A
+from . import batcher as B
 from . import recipe as R
 from .errors import StreamError
 
@@ -222,6 +224,7 @@ class Stream:
         self.cancelled = False                       # the batcher drops this stream's work (left its `with` early)
         self._cond = threading.Condition()
         self._results: dict[int, tuple] = {}
+        self._encoded: list[int] | None = None
         self._failed: str | None = None
         self._last = None                            # the last frame returned (policy skip repeats it)
         self._busy = threading.Lock()
@@ -233,7 +236,7 @@ class Stream:
             if self.closed:
                 raise StreamError("push after close: this stream has ended; open a new one with LipSync.stream()")
             x = A.stream_samples(chunk)
-            return self._render(self._encode(*self.audio.push(x)))
+            return self._run(*self.audio.push(x))
 
     def close(self) -> list[tuple]:
         """End of audio: the remaining frames (AudioError when the whole stream was too short for one frame)."""
@@ -241,8 +244,7 @@ class Stream:
             if self.closed:
                 raise StreamError("close after close: this stream has already ended")
             self.closed = True
-            first, windows, n = self.audio.finish()
-            return self._render(self._encode(first, windows, n))
+            return self._run(*self.audio.finish())
 
     @property
     def frames_total(self) -> int | None:
@@ -262,39 +264,47 @@ class Stream:
     # -- what the batcher calls (its worker thread)
     def on_result(self, i: int, kind: str, payload) -> None:
         with self._cond:
-            if kind == "failed":
+            if kind == B.FAILED:
                 self._failed = str(payload)
-            else:
+            elif kind == B.ENCODED:
+                self._encoded = payload
+            elif kind != B.END:
                 self._results[i] = (kind, payload)
             self._cond.notify_all()
 
     # -- internals
-    def _encode(self, first: int, windows: torch.Tensor, n: int | None = None) -> list:
-        feats = self.runner.encode_audio(windows).float().cpu() if len(windows) else torch.zeros(0, R.FEATURE_DIM)
-        return self.frames.add(first, feats, n)
-
-    def _render(self, jobs: list) -> list[tuple]:
-        if not jobs:
-            return []
-        ids = [i for i, _, _ in jobs]
-        self.batcher.render(self, jobs)
+    def _run(self, first: int, windows: torch.Tensor, n: int | None = None) -> list[tuple]:
+        """Windows to the batcher (encoder, then generator, batched with other streams); wait for the frames they
+        make ready and return them in order."""
+        if not len(windows) and n is None:
+            return []                                # no new window: no new frame
         with self._cond:
-            while self._failed is None and not all(i in self._results for i in ids):
-                self._cond.wait()
-            if self._failed is not None:
-                raise StreamError(f"stream failed: {self._failed}")
-            got = [(i, *self._results.pop(i)) for i in ids]
+            self._encoded = None
+        self.batcher.encode(self, first, windows, n)
+        ids = self._wait(lambda: self._encoded is not None, lambda: self._encoded)
+        got = self._wait(lambda: all(i in self._results for i in ids),
+                         lambda: [(i, *self._results.pop(i)) for i in ids])
         out = []
         for i, kind, payload in got:
-            if kind == "frame":
+            if kind == B.FRAME:
                 item = self._output(i, *payload)
-            elif kind == "skipped" and self._last is not None:
+            elif kind == B.SKIPPED and self._last is not None:
                 item = (i, *self._last[1:])           # the batcher's policy skip: the last frame again
             else:
                 continue                             # rejected (or nothing to repeat yet): no frame i
             self._last = item
             out.append(item)
         return out
+
+    def _wait(self, done, take):
+        with self._cond:
+            while not done():
+                if self._failed is not None:
+                    raise StreamError(f"stream failed: {self._failed}")
+                if not self.batcher.alive:
+                    raise StreamError("the batcher stopped before this stream's frames were made")
+                self._cond.wait(1.0)
+            return take()
 
     def _output(self, i: int, box: tuple, image: torch.Tensor, t_ready: float | None = None) -> tuple:
         img = image if self.as_tensor else image.cpu().numpy()

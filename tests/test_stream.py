@@ -280,3 +280,11 @@ def test_generator_inputs_from_crops_equal_prepare(ls, dtype):
     inputs, crops = compose.prepare(frames, boxes, dtype)
     assert len(torch.unique(crops)) == 256
     assert torch.equal(compose.generator_inputs(crops, dtype), inputs)
+
+
+def test_a_stopped_batcher_is_a_clear_error(ls):
+    batcher = Batcher(ls.runner).start()
+    batcher.stop()
+    with ls.stream(rate=16000, batcher=batcher) as s:
+        with pytest.raises(StreamError, match="stopped"):
+            s.push(np.zeros(8000, np.float32))
