@@ -158,17 +158,22 @@ def test_ray_options_without_ray_flag_are_usage_errors(tmp_path, capsys):
     assert "--workers needs --ray" in capsys.readouterr().err
 
 
-def test_without_ray_installed_the_message_names_the_extra(tmp_path):
-    """A real interpreter in which `import ray` fails (sys.modules['ray'] = None), as on a machine without it."""
+@pytest.mark.parametrize("command", ["batch", "serve"])
+def test_without_ray_installed_the_message_names_the_extra(tmp_path, command):
+    """A real interpreter in which `import ray` fails (sys.modules['ray'] = None), as on a machine without it:
+    `batch --ray` and `serve --ray` exit 2 with one line naming the extra to install."""
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"avatar": "a", "audio": "x.wav", "generator": "g.pth", "audio_encoder": "e.pth", "out": "o.mp4"}\n')
+    argv = {"batch": ["batch", str(path), "--ray", "local", "--quiet"],
+            "serve": ["serve", "--avatar", "a=av", "--generator", "g.pth", "--audio-encoder", "e.pth", "--ray", "local",
+                      "--port", "8090"]}[command]
     code = ("import sys; sys.modules['ray'] = None\n"
             "from lipsync_trt.__main__ import main\n"
-            f"sys.exit(main(['batch', {str(path)!r}, '--ray', 'local', '--quiet']))")
+            f"sys.exit(main({argv!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and INSTALL_HINT in lines[0] and "ray" in lines[0], proc.stderr
+    assert len(lines) == 1 and INSTALL_HINT in lines[0] and f"{command} --ray" in lines[0], proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ in-process

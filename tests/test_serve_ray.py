@@ -8,6 +8,7 @@ import asyncio
 import socket
 import time
 import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -23,9 +24,12 @@ from lipsync_trt.serve import client as C  # noqa: E402
 from lipsync_trt.serve import protocol as P  # noqa: E402
 from lipsync_trt.serve.protocol import Status  # noqa: E402
 
-from test_serve import (CHUNK, MAX_MEAN_DIFF, _config, check_stream, entries, live_checkpoints, oracle,  # noqa: E402,F401
-                        padded, recipe_boxes, run, runner, server, speech24)
+import test_serve as TS  # noqa: E402
+from test_serve import CHUNK, MAX_MEAN_DIFF, _config, check_stream, padded, recipe_boxes, run, speech24  # noqa: E402
 from lipsync_trt.bench import reference  # noqa: E402
+
+# test_serve's fixtures, used here by name: its checkpoints, runner, avatars, offline oracle and plain server
+live_checkpoints, runner, entries, oracle, server = TS.live_checkpoints, TS.runner, TS.entries, TS.oracle, TS.server
 
 REPLICAS = 2
 MAX_STREAMS = 4          # per replica
@@ -86,8 +90,6 @@ def test_four_concurrent_streams_through_the_proxy_equal_offline(ray_serve, entr
 def test_same_pages_and_metadata_as_the_plain_server(ray_serve, server):
     """The browser client's page, scripts, avatar list, meta.json and template frames: byte for byte what the plain
     aiohttp server (test_serve's, same avatars) answers."""
-    import urllib.request
-
     def get(base: str, path: str) -> bytes:
         with urllib.request.urlopen(base + path, timeout=60) as r:
             return r.read()

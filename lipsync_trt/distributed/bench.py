@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                         rep = run_ray(batch, workers=int(c.split(":")[1]), **renderer)
                     assert rep.exit_code == 0, rep.summary()
                     t = rep.summary()["totals"]
-                    samples[c].append({"seconds": t["seconds"], "frames": t["frames"], "jobs": t["done"]})
+                    busy = sum(r.seconds for r in rep.results.values())   # inside the workers' render calls
+                    samples[c].append({"seconds": t["seconds"], "frames": t["frames"], "jobs": t["done"],
+                                       "render_seconds": round(busy, 3)})
                     print(f"round {r} {c:8s} {t['done']} jobs {t['frames']} frames in {t['seconds']:.1f} s "
                           f"({t['frames_per_s']:.2f} frames/s)", file=sys.stderr, flush=True)
         finally:
@@ -93,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         fps = statistics.median(s["frames"] / s["seconds"] for s in samples[c])
         jps = statistics.median(s["jobs"] / s["seconds"] for s in samples[c])
+        workers = 1 if c == "local" else int(c.split(":")[1])
+        outside = statistics.median(s["seconds"] - s["render_seconds"] / workers for s in samples[c])
         rows.append({"config": c, "jobs_per_s": round(jps, 4), "frames_per_s": round(fps, 3),
-                     "vs_local": round(fps / base, 3)})
+                     "vs_local": round(fps / base, 3), "seconds_outside_render": round(outside, 2)})
     print(f"Ray start (ray.init, local instance): {ray_start:.1f} s")
-    print("| config | jobs/s | frames/s | vs without Ray |\n|---|---|---|---|")
+    print("| config | jobs/s | frames/s | vs without Ray | wall s outside the render calls |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['config']} | {row['jobs_per_s']:.3f} | {row['frames_per_s']:.2f} | {row['vs_local']:.2f}x |")
+        print(f"| {row['config']} | {row['jobs_per_s']:.3f} | {row['frames_per_s']:.2f} | {row['vs_local']:.2f}x | "
+              f"{row['seconds_outside_render']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine(), "ray_init_s": ray_start,
                                                "rows": rows, "samples": samples}, indent=2) + "\n")

@@ -91,6 +91,7 @@ class Renderer:
         t0 = time.perf_counter()
         try:
             loaded = self.load(job.group)
+            t0 = time.perf_counter()   # a job's seconds are its own; loading the group's models is not counted
             ls = api.LipSync(loaded.avatar, loaded.runner, batch_size=loaded.batch_size, start_frame=job.start_frame)
             for target in job.outputs:   # a batch may sort its clips into folders that do not exist yet
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
