@@ -285,13 +285,16 @@ def test_ray_worker_killed_mid_job_is_restarted_and_its_job_retried(ray_batch, c
     assert_same_frames(ray_batch["folder"] / "out" / "a", reference / "a")
 
 
-def test_ray_batch_rerun_skips_finished_jobs(ray_batch, clips):
-    from lipsync_trt.distributed import batch
-
+def test_ray_batch_rerun_skips_finished_jobs(ray_batch, clips, capsys):
+    """The same batch again through the command line (`batch --ray local`, joining the running instance): the
+    three finished jobs are skipped untouched, the two bad ones fail again, exit code 1."""
     folder = ray_batch["folder"]
     stamps = {name: (folder / "out" / f"{name}.mp4").stat().st_mtime_ns for name in clips["good"]}
-    report = batch.run_ray(ray_batch["jobs"], workers=2, backend=BACKEND, device="cpu")
-    statuses = [report.results[j.line].status for j in ray_batch["jobs"]]
-    assert statuses == ["skipped"] * 3 + ["failed"] * 2
+    summary_path = folder / "rerun.json"
+    assert main(["batch", str(folder / "jobs.jsonl"), "--ray", "local", "--workers", "2", "--backend", BACKEND,
+                 "--device", "cpu", "--summary", str(summary_path), "--quiet"]) == 1
+    summary = json.loads(summary_path.read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["skipped"] * 3 + ["failed"] * 2
+    assert summary["mode"] == "ray" and summary["totals"]["skipped"] == 3
     assert {name: (folder / "out" / f"{name}.mp4").stat().st_mtime_ns for name in clips["good"]} == stamps
-    assert report.exit_code == 1
+    assert "3 skipped" in capsys.readouterr().out
