@@ -402,7 +402,7 @@ class Server:
 
         e = self._entry(request)
         a = e.avatar
-        period = 2 * (a.count - 1)
+        period = R.template_period(a.count)
         return web.json_response({
             "name": e.name, "width": a.width, "height": a.height, "count": a.count, "fps": R.FPS,
             "boxes": a.boxes.tolist(), "order": [int(v) for v in a.order(period)],
