@@ -11,23 +11,31 @@ class RayUnavailable(LipsyncError):
     """Ray (or Ray Serve) is not installed, or the Ray cluster cannot be reached."""
 
 
-def require_ray(feature: str, serve: bool = False):
-    """Import and return the `ray` module, or raise RayUnavailable naming the extra to install."""
+def _missing(serve: bool) -> str | None:
+    """The module that fails to import ('ray', 'ray.serve', one of their dependencies), or None."""
     try:
-        import ray
+        import ray  # noqa: F401
         if serve:
-            import ray.serve  # noqa: F401
+            from ray import serve as _serve  # noqa: F401
     except ImportError as exc:
-        what = "ray[serve]" if serve else "ray"
-        raise RayUnavailable(f"{feature} needs {what}, which is not installed here ({exc.name or exc}); "
-                             f"install it with: {INSTALL_HINT}") from None
-    return ray
+        return exc.name or str(exc)
+    return None
 
 
 def ray_missing_reason(serve: bool = False) -> str | None:
-    """Why the Ray features cannot run here (for tests' skip reasons), or None when they can."""
-    try:
-        require_ray("this", serve=serve)
-    except RayUnavailable as exc:
-        return str(exc)
-    return None
+    """Why the Ray features cannot run here (tests' skip reason), or None when they can."""
+    name = _missing(serve)
+    what = "ray[serve]" if serve else "ray"
+    return None if name is None else f"{what} is not installed here ({name}); install it with: {INSTALL_HINT}"
+
+
+def require_ray(feature: str, serve: bool = False):
+    """Import and return the `ray` module, or raise RayUnavailable naming the feature and the extra to install."""
+    name = _missing(serve)
+    if name is not None:
+        what = "ray[serve]" if serve else "ray"
+        raise RayUnavailable(f"{feature} needs {what}, which is not installed here ({name}); install it with: "
+                             f"{INSTALL_HINT}")
+    import ray
+
+    return ray
