@@ -14,8 +14,7 @@ def expected_frames(job: Job) -> list[int]:
     from .. import recipe as R
     from ..pipeline import parse_frames
 
-    samples = A.load_16k(job.audio)
-    total = A.num_windows(1 + len(samples) // R.HOP_LENGTH) + 2
+    total = R.num_frames(len(A.load_16k(job.audio)))
     return list(range(total)) if job.frames is None else parse_frames(job.frames, total)
 
 
