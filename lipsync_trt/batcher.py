@@ -11,7 +11,8 @@ A client is any object with: `runner` (its generator), `templates` (an `avatar.T
 device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `feather` (optional: the box
 edge blend in pixels, `compose.parse_blend`), `frames` (a `stream.ReadyFrames`,
 for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
-FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), ENCODED (i = the first window
+FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), ERROR (reason: the generator
+failed on this frame's batch), ENCODED (i = the first window
 of an `encode` call, payload the frame ids it made ready, after their REJECTED answers if any), END (frame count),
 FAILED (reason; i = -1, nothing more follows).
 """
@@ -33,7 +34,8 @@ from .errors import StreamError
 
 POLICIES = ("reject", "skip")
 ENCODER_BATCH = 256
-FRAME, REJECTED, SKIPPED, ENCODED, END, FAILED = "frame", "rejected", "skipped", "encoded", "end", "failed"
+FRAME, REJECTED, SKIPPED, ERROR, ENCODED, END, FAILED = ("frame", "rejected", "skipped", "error", "encoded", "end",
+                                                    "failed")
 
 
 @dataclass
@@ -278,10 +280,11 @@ class Batcher:
             audio = torch.stack([j.audio for j in batch]).to(runner.device, runner.dtype)
             pred = runner.generate(compose.generator_inputs(crops, runner.dtype), audio)
             images = self._compose(batch, crops, pred, boxes)
-        except Exception as exc:
+        except Exception as exc:   # these frames are answered ERROR; their streams go on
             for j in batch:
                 self._done(j.client)
-                self._fail(j.client, f"generator failed: {exc}")
+                if not j.client.cancelled:
+                    j.client.on_result(j.frame, ERROR, f"generator failed: {exc}")
             raise
         self.stats["batches"] += 1
         self.stats["frames"] += len(batch)

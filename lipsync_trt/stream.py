@@ -286,6 +286,8 @@ class Stream:
                          lambda: [(i, *self._results.pop(i)) for i in ids])
         out = []
         for i, kind, payload in got:
+            if kind == B.ERROR:
+                raise StreamError(f"frame {i}: {payload}")
             if kind == B.FRAME:
                 item = self._output(i, *payload)
             elif kind == B.SKIPPED and self._last is not None:

@@ -288,3 +288,22 @@ def test_a_stopped_batcher_is_a_clear_error(ls):
     with ls.stream(rate=16000, batcher=batcher) as s:
         with pytest.raises(StreamError, match="stopped"):
             s.push(np.zeros(8000, np.float32))
+
+
+def test_a_generator_failure_is_a_clear_error(ls):
+    class Broken:
+        """The real runner, whose generator fails."""
+
+        def __init__(self, inner):
+            self.inner, self.device, self.dtype = inner, inner.device, inner.dtype
+
+        def encode_audio(self, windows):
+            return self.inner.encode_audio(windows)
+
+        def generate(self, images, audio):
+            raise RuntimeError("out of device memory")
+
+    broken = api.LipSync(ls.avatar, Broken(ls.runner), batch_size=4)
+    with broken.stream(rate=16000) as s:
+        with pytest.raises(StreamError, match="generator failed: out of device memory"):
+            s.push(speech16(0.6, seed=9))

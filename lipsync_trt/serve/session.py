@@ -108,6 +108,8 @@ class Stream:
         elif kind == B.REJECTED:
             self.post(i, (ERROR, error_response(Status.OVERLOADED, i, f"server overloaded: {payload} (policy reject)"),
                           None, None))
+        elif kind == B.ERROR:
+            self.post(i, (FRAME, error_response(Status.INTERNAL, i, str(payload)[:200]), None, None))
         elif kind == B.END:
             self.post(i, (END, encode_response(Status.END, i), None, None))
         elif kind == B.FAILED:
