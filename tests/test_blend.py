@@ -229,3 +229,51 @@ def test_cli_bad_blend_exits_2(tmp_path, capsys):
                "--audio-encoder", "a.pth", "--blend", "feather:0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--blend" in err and "feather:0" in err
+
+
+def test_serve_blend(demo, torch_runner):
+    """serve --blend feather:PX: the mouths the server sends (JPEG) are the feathered offline frames' boxes, not the
+    hard-pasted ones; a bad --blend is a UsageError naming the option."""
+    pytest.importorskip("aiohttp")
+    import asyncio
+
+    import cv2
+
+    from lipsync_trt import avatar as avatar_mod
+    from lipsync_trt.api import LipSync
+    from lipsync_trt.demo import make_speech
+    from lipsync_trt.serve import client as C
+    from lipsync_trt.serve import protocol as P
+    from lipsync_trt.serve.scheduler import ModelEntry
+    from lipsync_trt.serve.server import ServeConfig, ServerThread
+
+    def config(blend: str) -> ServeConfig:
+        return ServeConfig(avatars={"demo": str(demo["avatar"])}, generators={None: str(demo["generator"])},
+                           audio_encoder=str(demo["audio_encoder"]), backend="torch", device="cpu", port=0,
+                           max_queue=10_000, max_delay_ms=0, blend=blend)
+
+    with pytest.raises(UsageError, match="--blend"):
+        config("feather:-1").check()
+    av = avatar_mod.load(demo["avatar"])
+    x24 = make_speech(0.6, P.STREAM_RATE, seed=5)
+    srv = ServerThread(config("feather:8"), {"demo": ModelEntry("demo", av, torch_runner)}, torch_runner)
+    try:
+        res = asyncio.run(C.stream(srv.ws_url, "demo", x24))
+    finally:
+        srv.stop()
+    audio = np.concatenate(C.chunks(x24))
+    ls = LipSync(av, torch_runner)
+    fea = dict(ls.frames(audio, rate=P.STREAM_RATE, blend="feather:8"))
+    none = dict(ls.frames(audio, rate=P.STREAM_RATE))
+    assert len(res.frames) == len(fea)
+    to_fea, to_none = [], []
+    for r in res.frames:
+        img = cv2.imdecode(np.frombuffer(r.jpeg, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        x1, y1, x2, y2 = (int(v) for v in r.box)
+        band = oracle_alpha(y2 - y1, x2 - x1, 8)[1] < 8
+        for ref, out in ((fea, to_fea), (none, to_none)):
+            ok, buf = cv2.imencode(".jpg", ref[r.frame_id][y1:y2, x1:x2], [cv2.IMWRITE_JPEG_QUALITY, 95])
+            d = np.abs(img - cv2.imdecode(buf, cv2.IMREAD_COLOR).astype(np.int16))
+            out.append((d.mean(), d[band].mean()))
+    assert max(m for m, _ in to_fea) <= 2.0                       # test_serve's tolerance through JPEG q95
+    assert np.mean([b for _, b in to_fea]) < np.mean([b for _, b in to_none]) / 2

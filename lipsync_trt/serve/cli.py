@@ -5,7 +5,7 @@ import argparse
 import sys
 import tempfile
 
-from ..cli_args import add_backend_args
+from ..cli_args import add_backend_args, add_blend_arg
 from ..errors import UsageError
 from .protocol import MAX_MESSAGE_BYTES
 from .scheduler import POLICIES
@@ -27,6 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8084, help="port (default 8084; 0 = any free port, printed at start)")
     add_backend_args(p)
+    add_blend_arg(p)
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="most frames per generator call, taken across all streams that share a generator (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
@@ -118,7 +119,7 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
                        max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, policy=args.policy,
                        jpeg_quality=args.jpeg_quality, max_message=args.max_message,
                        stream_idle_s=args.stream_idle_s, http_idle_s=args.http_idle_s, ws_idle_s=args.ws_idle_s,
-                       options={"engines": args.engines} if args.engines else {})
+                       blend=args.blend, options={"engines": args.engines} if args.engines else {})
 
 
 def run_serve(args: argparse.Namespace) -> int:

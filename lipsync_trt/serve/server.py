@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import compose
 from .. import recipe as R
 from ..errors import AudioError, UsageError
 from .protocol import (HEADER, HEADER_BYTES, MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError,
@@ -52,6 +53,7 @@ class ServeConfig:
     stream_idle_s: float = 10.0                # a stream with no chunk this long is ended by the server; 0 = never
     http_idle_s: float = 15.0                  # an HTTP connection this long without a complete request is closed
     ws_idle_s: float = 120.0                   # a WebSocket with no stream nor message this long is closed; 0 = never
+    blend: str = "none"                        # --blend: the mouths' box edge, none or feather[:PX] (compose.parse_blend)
     options: dict = field(default_factory=dict)   # passed to backends.load (e.g. engines)
 
     def check(self) -> None:
@@ -69,6 +71,7 @@ class ServeConfig:
                              "--generator G.pth for all")
         if self.policy not in POLICIES:
             raise UsageError(f"--policy must be one of {', '.join(POLICIES)}")
+        compose.parse_blend(self.blend)
         for key, lo in (("max_batch", 1), ("max_streams", 1), ("max_queue", 1)):
             if getattr(self, key) < lo:
                 raise UsageError(f"--{key.replace('_', '-')} must be at least {lo}")
@@ -222,6 +225,7 @@ class Connection:
                 return
             stream = Stream(req.model, entry, asyncio.get_running_loop(), self.emit, srv.cfg.max_gap)
             stream.on_done = self.stream_done
+            stream.feather = compose.parse_blend(srv.cfg.blend)   # the batcher feathers this stream's mouths
             self.current = stream
             self.streams.append(stream)
             srv.active.add(stream)
