@@ -2,8 +2,8 @@
 
 Three implementations of the same steps, picked by where the frames are (`impl="auto"`):
 - "triton": the fused GPU kernels of `lipsync_trt.kernels`, for CUDA tensors;
-- "opencv": cv2.resize(INTER_CUBIC) itself, the reference's own call, for CPU tensors (about 50x faster
-  than the PyTorch gathers on a CPU, and pixel-exact by construction);
+- "opencv": cv2.resize(INTER_CUBIC) itself, the reference's own call, for CPU tensors (much faster than the
+  PyTorch gathers on a CPU, and pixel-exact by construction);
 - "torch": a PyTorch bicubic that reproduces OpenCV's INTER_CUBIC for uint8 images (half-pixel centres,
   a = -0.75, replicated edges, no antialiasing, float32 taps; equal to OpenCV 4.14 and 5.0 on >= 99.9% of
   pixels, the rest off by 1). It runs on any device and is the oracle for the GPU kernels.
@@ -251,13 +251,6 @@ def mouth_one(crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor
     return resize_cubic(c, y2 - y1, x2 - x1)
 
 
-def paste_one(frame: torch.Tensor, crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
-    """Write pred into the crop's inner 320, resize back to the box, paste into frame (in place); returns frame."""
-    x1, y1, x2, y2 = (int(v) for v in box)
-    frame[y1:y2, x1:x2] = mouth_one(crop328, pred_u8, box)
-    return frame
-
-
 def mouths(crops328: torch.Tensor, pred: torch.Tensor, boxes, impl: str = "auto", feather: int = 0,
            templates=None) -> list[torch.Tensor]:
     """For a batch of generator outputs, the box-sized regions `paste` would write (uint8 (h, w, 3) each, on the
@@ -305,4 +298,4 @@ def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pre
     return frames
 
 
-__all__ = ["parse_blend", "feather_alpha", "feather_ramp", "DEFAULT_FEATHER", "resize_cubic", "prepare", "prepare_one", "paste", "paste_one", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]
+__all__ = ["parse_blend", "feather_alpha", "feather_ramp", "DEFAULT_FEATHER", "resize_cubic", "prepare", "prepare_one", "paste", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]

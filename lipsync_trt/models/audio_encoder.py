@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..recipe import BN_EPS
+
 
 class Conv2d(nn.Module):
     """Conv + BN, then ReLU; the input is added before the ReLU when residual."""
 
     def __init__(self, cin: int, cout: int, kernel_size, stride, padding, residual: bool = False):
         super().__init__()
-        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel_size, stride, padding), nn.BatchNorm2d(cout))
+        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel_size, stride, padding), nn.BatchNorm2d(cout, eps=BN_EPS))
         self.act = nn.ReLU()
         self.residual = residual
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..recipe import GENERATOR_CHANNELS, GENERATOR_IN_CHANNELS
+from ..recipe import BN_EPS, GENERATOR_CHANNELS, GENERATOR_IN_CHANNELS
 
 
 class InvertedResidual(nn.Module):
@@ -17,13 +17,13 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = use_res_connect
         self.conv = nn.Sequential(
             nn.Conv2d(inp, hidden, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(hidden),
+            nn.BatchNorm2d(hidden, eps=BN_EPS),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
+            nn.BatchNorm2d(hidden, eps=BN_EPS),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(oup),
+            nn.BatchNorm2d(oup, eps=BN_EPS),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,10 @@ class AudioConvAve(nn.Module):
         self.conv1 = InvertedResidual(ch[0], ch[1], 1, False, 2)
         self.conv2 = InvertedResidual(ch[1], ch[2], 1, False, 2)
         self.conv3 = nn.Conv2d(ch[2], ch[3], kernel_size=3, padding=1, stride=1)
-        self.bn3 = nn.BatchNorm2d(ch[3])
+        self.bn3 = nn.BatchNorm2d(ch[3], eps=BN_EPS)
         self.conv4 = InvertedResidual(ch[3], ch[3], 1, True, 2)
         self.conv5 = nn.Conv2d(ch[3], ch[4], kernel_size=3, padding=3, stride=2)
-        self.bn5 = nn.BatchNorm2d(ch[4])
+        self.bn5 = nn.BatchNorm2d(ch[4], eps=BN_EPS)
         self.relu = nn.ReLU()
         self.conv6 = InvertedResidual(ch[4], ch[4], 1, True, 2)
         self.conv7 = InvertedResidual(ch[4], ch[4], 1, True, 2)

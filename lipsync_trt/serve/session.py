@@ -29,7 +29,7 @@ def ready_chunk(frame: int) -> int:
 
 
 def ready_chunk_period() -> int | None:
-    """P with ready_chunk(i + P) = ready_chunk(i) + P for every frame (1,835 for soxr HQ)."""
+    """P with ready_chunk(i + P) = ready_chunk(i) + P for every frame (see stream.ready_chunk_period)."""
     return core.ready_chunk_period(STREAM_RATE, CHUNK_SAMPLES)
 
 
