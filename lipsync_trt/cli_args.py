@@ -14,7 +14,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "usable here")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="model precision (fp16/bf16 need CUDA or an fp16 engine; default fp32)")
+                   help="generator precision (default fp32). fp16/bf16 halve its cost on CUDA; the torch backend also runs "
+                        "them on a CPU (slowly: for checking their fidelity with `compare`)")
     p.add_argument("--engines", metavar="DIR", default=None,
                    help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
                         "TensorRT, the cache folder for ONNX Runtime; built there when missing)")
