@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,31 @@ _SEGMENTS = frozenset(range(0xC0, 0xD0)) | {0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 
 
 
 def check_jpeg(data: bytes, path: Path) -> tuple[int, int]:
+    """(height, width) of a sound JPEG: `check_structure`, then `check_entropy`. libjpeg decodes a truncated file,
+    foreign bytes in the scan or a bad Huffman code with only a warning on stderr, which OpenCV cannot report."""
+    size = check_structure(data, path)
+    check_entropy(data, path)
+    return size
+
+
+def check_entropy(data: bytes, path: Path) -> None:
+    """Decode the JPEG with FFmpeg's decoder (PyAV, a core dependency) in its strict mode (err_detect=explode), which
+    fails on the entropy-coded errors libjpeg only warns about (bad Huffman codes, premature end of a scan)."""
+    import av
+
+    try:
+        codec = av.CodecContext.create("mjpeg", "r")
+        codec.options = {"err_detect": "explode"}
+        frames = codec.decode(av.Packet(data)) + codec.decode(None)
+    except (av.FFmpegError, ValueError) as exc:
+        raise AvatarError(f"{path}: corrupt JPEG (the scan data does not decode: {str(exc).split(':')[0]})") from None
+    if len(frames) != 1:
+        raise AvatarError(f"{path}: corrupt JPEG (it decodes to {len(frames)} images)")
+
+
+def check_structure(data: bytes, path: Path) -> tuple[int, int]:
     """(height, width) of a JPEG after checking its whole byte structure: every marker segment inside the file,
-    entropy-coded data holding only stuffed 0xFF00 bytes and restart markers, and an end-of-image marker.
-    libjpeg decodes a truncated file, or foreign bytes in the scan data, with only a warning on stderr that OpenCV
-    cannot report; this finds them (damage that keeps a valid byte structure can still pass)."""
+    entropy-coded data holding only stuffed 0xFF00 bytes and restart markers, and an end-of-image marker."""
     if data[:2] != b"\xff\xd8":
         raise AvatarError(f"{path}: not a JPEG file (no SOI marker)")
     arr = np.frombuffer(data, np.uint8)
@@ -76,12 +98,16 @@ def check_jpeg(data: bytes, path: Path) -> tuple[int, int]:
     return size
 
 
-def read_jpeg(path: Path) -> tuple[bytes, tuple[int, int]]:
-    """A JPEG file's bytes and (height, width), checked by `check_jpeg`; AvatarError naming the file otherwise."""
+def read_jpeg(path: Path, checked: int | None = None) -> tuple[bytes, tuple[int, int] | None]:
+    """A JPEG file's bytes and (height, width), checked by `check_jpeg`; AvatarError naming the file otherwise.
+    When the bytes' CRC-32 equals `checked` (a file checked before and unchanged since), the check is skipped and
+    the size is None."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise AvatarError(f"{path}: cannot read frame ({exc.strerror})") from None
+    if checked is not None and zlib.crc32(data) == checked:
+        return data, None
     return data, check_jpeg(data, path)
 
 
@@ -145,6 +171,7 @@ class Avatar:
     boxes: np.ndarray
     landmarks: np.ndarray
     cache_size: int = 32
+    checksums: dict[int, int] = field(default_factory=dict, repr=False)   # CRC-32 of each frame as `load` checked it
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -165,7 +192,7 @@ class Avatar:
             if n in self._cache:
                 self._cache.move_to_end(n)
                 return self._cache[n]
-        img = decode(self.frame_path(n), self.height, self.width)
+        img = decode(self.frame_path(n), self.height, self.width, self.checksums.get(n))
         img.setflags(write=False)
         with self._lock:
             self._cache[n] = img
@@ -236,12 +263,13 @@ class TemplateCrops:
         return item
 
 
-def decode(path: Path, height: int, width: int) -> np.ndarray:
+def decode(path: Path, height: int, width: int, checked: int | None = None) -> np.ndarray:
     """Template frame as uint8 (H, W, 3) BGR, with OpenCV as the reference decodes it, after `check_jpeg` (so a
-    frame damaged since `load` fails here with AvatarError instead of rendering libjpeg's best guess)."""
+    frame damaged since `load` fails here with AvatarError instead of rendering libjpeg's best guess). `checked`: the
+    CRC-32 of the bytes `load` checked, so that an unchanged file is not checked twice."""
     import cv2
 
-    data, _ = read_jpeg(path)
+    data, _ = read_jpeg(path, checked)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise AvatarError(f"{path}: cannot decode JPEG")
@@ -282,13 +310,17 @@ def load(root: str | os.PathLike, cache_size: int = 32) -> Avatar:
     if extra:
         raise AvatarError(f"{root / LANDMARKS_DIR / f'{extra[0]}.lms'}: landmarks without a frame "
                           f"({FRAMES_DIR}/{extra[0]}.jpg does not exist)")
-    height, width = jpeg_size(frames[0])
     marks = np.empty((count, R.LANDMARK_COUNT, 2), np.int32)
     boxes = np.empty((count, 4), np.int64)
-    for n in range(count):
-        size = jpeg_size(frames[n])
-        if size != (height, width):
+    checksums: dict[int, int] = {}
+    for n in range(count):   # every frame checked whole now (structure + strict decode), before anything renders
+        data, size = read_jpeg(frames[n])
+        checksums[n] = zlib.crc32(data)
+        if n == 0:
+            height, width = size
+        elif size != (height, width):
             raise AvatarError(f"{frames[n]}: frame is {size[1]}x{size[0]}, expected {width}x{height} like 0.jpg")
         marks[n] = read_landmarks(lms[n])
         boxes[n] = face_box(marks[n], height, width, source=str(lms[n]))
-    return Avatar(root=root, height=height, width=width, boxes=boxes, landmarks=marks, cache_size=cache_size)
+    return Avatar(root=root, height=height, width=width, boxes=boxes, landmarks=marks, cache_size=cache_size,
+                  checksums=checksums)

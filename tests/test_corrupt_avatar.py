@@ -1,5 +1,6 @@
-"""A damaged template JPEG is found, not rendered (#13): libjpeg (through OpenCV) decodes a truncated file or one
-with foreign scan bytes with only a warning on stderr, so the avatar checks each file's byte structure."""
+"""A damaged template JPEG is found, not rendered (#13): libjpeg (through OpenCV) decodes a truncated file, one with
+foreign scan bytes or bad Huffman codes with only a warning on stderr, so the avatar checks each file's byte structure
+and decodes it strictly (FFmpeg's decoder, err_detect=explode) at load and again at decode when the file changed."""
 from __future__ import annotations
 
 import shutil
@@ -49,6 +50,26 @@ def test_random_scan_data_is_found(sanders, seed):
         avatar_mod.check_jpeg(data, "3.jpg")
 
 
+def scrambled_scan(data: bytes, seed: int, count: int = 1000) -> bytes:
+    """`count` bytes of the scan data replaced, never by or over a 0xFF: the byte structure stays intact."""
+    rng = np.random.default_rng(seed)
+    out = bytearray(data)
+    for k in rng.choice(np.arange(1000, len(data) - 200), count, replace=False):
+        v = int(rng.integers(0, 255))
+        if out[k] != 0xFF and out[k - 1] != 0xFF:
+            out[k] = v
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bad_huffman_data_with_a_sound_structure_is_found(sanders, seed):
+    data = scrambled_scan((sanders / "full_body_img" / "3.jpg").read_bytes(), seed)
+    assert avatar_mod.check_structure(data, "3.jpg") == (720, 1280)         # the bytes look like a JPEG
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None   # libjpeg only warns
+    with pytest.raises(AvatarError, match="3.jpg: corrupt JPEG"):
+        avatar_mod.check_jpeg(data, "3.jpg")
+
+
 @pytest.mark.parametrize("cut", [0.99, 0.5, 0.01])
 def test_truncated_file_is_found(sanders, cut):
     data = (sanders / "full_body_img" / "3.jpg").read_bytes()
@@ -56,11 +77,12 @@ def test_truncated_file_is_found(sanders, cut):
         avatar_mod.check_jpeg(data[:int(len(data) * cut)], "3.jpg")
 
 
-@pytest.mark.parametrize("damage", ["random_tail", "truncated"])
+@pytest.mark.parametrize("damage", ["random_tail", "truncated", "scrambled_scan"])
 def test_cli_stops_before_rendering_with_one_line(sanders_copy, demo, tmp_path, damage):
     frame = sanders_copy / "full_body_img" / "4.jpg"
     data = frame.read_bytes()
-    frame.write_bytes(random_tail(data, 1) if damage == "random_tail" else data[:len(data) // 2])
+    frame.write_bytes({"random_tail": random_tail(data, 1), "truncated": data[:len(data) // 2],
+                       "scrambled_scan": scrambled_scan(data, 1)}[damage])
     out = tmp_path / "out.mp4"
     r = subprocess.run([sys.executable, "-m", "lipsync_trt", "generate", "--avatar", str(sanders_copy), "--audio",
                         str(demo["audio"]), "--generator", str(demo["generator"]), "--audio-encoder",
@@ -75,7 +97,7 @@ def test_cli_stops_before_rendering_with_one_line(sanders_copy, demo, tmp_path, 
 def test_frame_damaged_after_load_fails_the_render(sanders_copy, demo, tmp_path):
     ls = lipsync_trt.load(sanders_copy, demo["generator"], demo["audio_encoder"], backend="torch", device="cpu")
     frame = sanders_copy / "full_body_img" / "2.jpg"
-    frame.write_bytes(random_tail(frame.read_bytes(), 2))
+    frame.write_bytes(scrambled_scan(frame.read_bytes(), 2))   # changed after load: found at its decode
     out = tmp_path / "out.mp4"
     with pytest.raises(LipsyncError, match="2.jpg"):
         ls.generate(demo["audio"], out)
