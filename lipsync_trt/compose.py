@@ -21,6 +21,8 @@ from . import recipe as R
 from .errors import UsageError
 
 DEFAULT_FEATHER = 16   # `--blend feather`'s ramp width in pixels of the output frame
+MAX_FEATHER = 1024     # widest ramp accepted (a typo such as feather:99999999999 must not allocate gigabytes)
+
 
 def cubic_coeffs(fx: np.ndarray) -> np.ndarray:
     """OpenCV's interpolateCubic in float32: the 4 tap weights for fractional offsets fx (n,) -> (n, 4)."""
@@ -103,15 +105,16 @@ def parse_blend(spec: str | None) -> int:
         return 0
     if s == "feather":
         return DEFAULT_FEATHER
-    if s.startswith("feather:") and s[8:].strip().isdigit() and int(s[8:]) >= 1:
+    if s.startswith("feather:") and s[8:].strip().isdigit() and 1 <= int(s[8:]) <= MAX_FEATHER:
         return int(s[8:])
-    raise UsageError(f"--blend: expected none, feather or feather:PX with PX a whole number of pixels >= 1 "
-                     f"(e.g. feather:{DEFAULT_FEATHER}), got {spec!r}")
+    raise UsageError(f"--blend: expected none, feather or feather:PX with PX a whole number of pixels in "
+                     f"1..{MAX_FEATHER} (e.g. feather:{DEFAULT_FEATHER}), got {spec!r}")
 
 
 def _check_feather(feather: int) -> int:
-    if isinstance(feather, bool) or not isinstance(feather, (int, np.integer)) or feather < 0:
-        raise ValueError(f"feather must be a whole number of pixels >= 0 (0 = no blending), got {feather!r}")
+    if isinstance(feather, bool) or not isinstance(feather, (int, np.integer)) or not 0 <= feather <= MAX_FEATHER:
+        raise ValueError(f"feather must be a whole number of pixels in 0..{MAX_FEATHER} (0 = no blending), "
+                         f"got {feather!r}")
     return int(feather)
 
 

@@ -49,7 +49,8 @@ def test_parse_blend():
     assert compose.parse_blend("feather") == 16          # the default width
     assert compose.parse_blend("feather:8") == 8
     assert compose.parse_blend(" Feather:1 ") == 1
-    for bad in ("", "soft", "feather:", "feather:0", "feather:-4", "feather:2.5", "feather:x", "none:3"):
+    for bad in ("", "soft", "feather:", "feather:0", "feather:-4", "feather:2.5", "feather:x", "none:3",
+                "feather:1025", "feather:99999999999"):
         with pytest.raises(UsageError, match="--blend"):
             compose.parse_blend(bad)
 
