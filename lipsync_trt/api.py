@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -79,7 +80,22 @@ class LipSync:
         with self._lock:
             if self._batcher is None:
                 self._batcher = Batcher(self.runner, max_batch=self.batch_size)
+                weakref.finalize(self, self._batcher.stop)   # a LipSync dropped without close() stops it too
             return self._batcher
+
+    def close(self) -> None:
+        """Stop the streams' model worker (if a stream started one) and drop the template cache. The LipSync still
+        renders afterwards (a new stream starts a new worker); `with lipsync_trt.load(...) as ls:` calls this."""
+        with self._lock:
+            batcher, self._batcher, self._templates = self._batcher, None, None
+        if batcher is not None:
+            batcher.stop()
+
+    def __enter__(self) -> "LipSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
                  rate: int | None = None, frames_dir: str | os.PathLike | None = None,

@@ -208,3 +208,30 @@ def test_public_frames_leave_the_process_alone(demo, thread_counts):
     for _ in ls.frames(demo["audio"]):
         break
     assert threading.active_count() == base
+
+
+def test_a_lipsync_with_streams_stops_its_worker_when_closed_or_dropped(demo):
+    import gc
+
+    import soundfile as sf
+
+    import lipsync_trt
+
+    samples, rate = sf.read(demo["audio"], dtype="float32")
+    base = {t.name for t in threading.enumerate()}
+
+    def used_lipsync():
+        ls = lipsync_trt.load(demo["avatar"], demo["generator"], demo["audio_encoder"], backend="torch", device="cpu")
+        with ls.stream(rate=rate) as s:
+            got = list(s.push(samples)) + list(s.close())
+        assert len(got) > 0
+        assert "lipsync-batcher" in {t.name for t in threading.enumerate()} - base
+        return ls
+
+    with used_lipsync():
+        pass                                                  # close() at the end of the with block
+    assert "lipsync-batcher" not in {t.name for t in threading.enumerate()} - base
+    ls = used_lipsync()
+    del ls                                                    # dropped without close()
+    gc.collect()
+    assert "lipsync-batcher" not in {t.name for t in threading.enumerate()} - base
