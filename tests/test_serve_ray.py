@@ -160,3 +160,20 @@ def test_shutdown_closes_open_websockets_and_stops_the_replicas(ray_serve):
         time.sleep(1)
     assert not left, left
     ray.shutdown()
+
+
+@pytest.mark.parametrize("bad,pattern", [(["--max-batch", "0"], "--max-batch must be at least 1"),
+                                         (["--avatar", "x=/nonexistent/avatar"], "avatar folder not found")])
+def test_bad_options_fail_in_one_line_before_ray_starts(demo, capsys, bad, pattern):
+    import ray
+
+    from lipsync_trt.__main__ import main
+
+    args = ["serve", "--ray", "local", "--port", str(free_port()), "--generator", str(demo["generator"]),
+            "--audio-encoder", str(demo["audio_encoder"])]
+    if "--avatar" not in bad:
+        args += ["--avatar", f"demo={demo['avatar']}"]
+    assert main(args + bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and pattern in err, err
+    assert not ray.is_initialized()

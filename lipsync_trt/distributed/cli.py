@@ -169,6 +169,20 @@ def serve_ray_plan(ray, args: argparse.Namespace) -> tuple[float, float]:
     return g, c
 
 
+def preflight(cfg) -> None:
+    """Check the options, avatars and checkpoints here, before Ray starts: a bad one is then one line and exit 2,
+    not a failed deployment (replicas load the same files again on their nodes)."""
+    from .. import avatar as avatar_mod
+    from ..models import load_audio_encoder, load_generator
+
+    cfg.check()
+    for folder in cfg.avatars.values():
+        avatar_mod.load(folder)
+    for path in set(cfg.generators.values()):
+        load_generator(path)
+    load_audio_encoder(cfg.audio_encoder)
+
+
 def run_serve_on_ray(args: argparse.Namespace, cfg) -> int:
     """`serve --ray`: start (or join) Ray, run the Serve application at --host/--port until Ctrl-C."""
     import time
@@ -179,6 +193,7 @@ def run_serve_on_ray(args: argparse.Namespace, cfg) -> int:
     ray = require_ray("serve --ray", serve=True)
     if cfg.port == 0:
         raise UsageError("serve --ray needs a fixed --port (Ray's HTTP proxy binds it on every node)")
+    preflight(cfg)
     from ray import serve
 
     from .serve_app import app

@@ -202,6 +202,9 @@ def build(args: dict):
     if ns.demo:
         raise ValueError("--demo writes its files into a temporary folder of one machine; give real paths here")
     cfg = config_from_args(ns)
+    from .cli import preflight
+
+    preflight(cfg)
     return app(cfg, ns.replicas, ns.gpus_per_replica or 0.0, ns.cpus_per_replica or 1.0)
 
 
