@@ -183,25 +183,34 @@ class VideoWriter:
 
 class FramesDir:
     """Context manager for a `--frames-dir` folder written all or nothing: PNGs go into a hidden temporary folder
-    beside it, moved into place when the block succeeds and removed when it fails or is interrupted, so a failed
-    run leaves the folder as it was (absent, or holding only what it held before)."""
+    beside it, moved into place when the block succeeds and removed when it fails or is interrupted. A new folder
+    appears whole (renamed into place; missing parent folders are created, and removed again on failure); into an
+    existing folder the new frames are moved at the end, replacing same-numbered files and leaving the others."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise OutputError(f"{self.path}: exists and is not a folder; expected a folder for the PNG frames")
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        if not parent.is_dir():
-            raise OutputError(f"{self.path}: parent folder {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"{self.path}: parent folder {parent} is not writable")
+        self.parent = self.path.parent if str(self.path.parent) else Path(".")
+        existing = self.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"{self.path}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"{self.path}: folder {existing} is not writable")
         self.tmp: Path | None = None
+        self._made: list[Path] = []     # parent folders this run created (removed again on failure)
 
     def __enter__(self) -> "FramesDir":
-        parent = self.path.parent if str(self.path.parent) else Path(".")
+        missing = [p for p in [self.parent, *self.parent.parents] if not p.exists()]
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=parent))
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._made.append(folder)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.parent))
         except OSError as exc:
+            self._undo()
             raise OutputError(f"{self.path}: cannot create the frames folder ({exc.strerror})") from None
         return self
 
@@ -209,11 +218,20 @@ class FramesDir:
         """Write frame `index` as {index:06d}.png (lossless)."""
         write_png(self.tmp / f"{index:06d}.png", frame_bgr, final=self.path / f"{index:06d}.png")
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def _undo(self) -> None:
         import shutil
 
-        if exc_type is not None:
+        if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._undo()
             return
         try:
             os.chmod(self.tmp, 0o777 & ~umask())   # mkdtemp's folders are 0700; a mkdir's are not
@@ -224,7 +242,7 @@ class FramesDir:
                 os.replace(entry.path, self.path / entry.name)
             self.tmp.rmdir()
         except OSError as err:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._undo()
             raise OutputError(f"{self.path}: cannot move the frames into place ({err.strerror})") from None
 
 

@@ -117,3 +117,19 @@ def test_interrupt_leaves_nothing_behind(demo, long_audio, tmp_path, sig, code, 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert list(out_dir.iterdir()) == []
+
+
+def test_frames_dir_creates_missing_parents_and_removes_them_on_failure(tmp_path):
+    import numpy as np
+
+    from lipsync_trt.video import FramesDir
+
+    frame = np.zeros((4, 6, 3), np.uint8)
+    with FramesDir(tmp_path / "a" / "b" / "frames") as fd:
+        fd.write(0, frame)
+    assert [p.name for p in (tmp_path / "a" / "b" / "frames").iterdir()] == ["000000.png"]
+    with pytest.raises(KeyboardInterrupt):
+        with FramesDir(tmp_path / "x" / "y" / "frames") as fd:
+            fd.write(0, frame)
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
