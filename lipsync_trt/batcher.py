@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import atexit
 import collections
+import logging
 import threading
-import weakref
 import time
-import traceback
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ from . import recipe as R
 from .errors import StreamError
 
 POLICIES = ("reject", "skip")
-ENCODER_BATCH = 256
+ENCODER_BATCH = R.ENCODER_BATCH
 FRAME, REJECTED, SKIPPED, ERROR, ENCODED, END, FAILED = ("frame", "rejected", "skipped", "error", "encoded", "end",
                                                     "failed")
 
@@ -47,6 +47,8 @@ class _Job:
     t_ready: float       # when it was queued for the generator: the batching clock
     t_arrived: float     # when the audio that made it ready arrived: the deadline's clock
 
+
+log = logging.getLogger(__name__)   # failures are also answered to the streams concerned
 
 _RUNNING: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
 
@@ -149,7 +151,7 @@ class Batcher:
                 if enc:
                     self._encode(enc)
             except Exception:   # never let the worker die; the affected clients were told FAILED
-                traceback.print_exc()
+                log.exception("batcher: encoding failed")
             with self._cond:
                 late = self._take_late()
                 batch = self._take_batch() if self._gen else None
@@ -166,7 +168,7 @@ class Batcher:
                 if batch:
                     self._generate(batch)
             except Exception:
-                traceback.print_exc()
+                log.exception("batcher: generating failed")
 
     def _take_late(self) -> list[_Job]:
         """Under the lock: the queued frames older than max_delay (from their audio's arrival), taken out. The queue
@@ -211,7 +213,7 @@ class Batcher:
             except Exception as exc:
                 for k in ks:
                     self._fail(live[k][0], f"audio encoder failed: {exc}")
-                traceback.print_exc()
+                log.exception("batcher: audio encoder failed")
                 continue
             pos = 0
             for k in ks:

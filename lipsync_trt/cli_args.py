@@ -14,8 +14,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "usable here")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="generator precision (default fp32). fp16/bf16 halve its cost on CUDA; the torch backend also runs "
-                        "them on a CPU (slowly: for checking their fidelity with `compare`)")
+                   help="generator precision (default fp32). fp16/bf16 are for CUDA, where they should halve the "
+                        "generator's cost (not measured on a GPU yet); the torch backend also runs them on a CPU "
+                        "(slowly: for checking their fidelity with `compare`)")
     p.add_argument("--engines", metavar="DIR", default=None,
                    help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
                         "TensorRT, the cache folder for ONNX Runtime; built there when missing)")

@@ -22,7 +22,7 @@ from .avatar import Avatar, TemplateCrops
 from .backends.base import Runner
 from .errors import UsageError
 
-ENCODER_BATCH = 256
+ENCODER_BATCH = R.ENCODER_BATCH
 HELPER_NICE = 10   # how much lower than the model's the helper threads' CPU priority is, on a CPU (Linux)
 
 

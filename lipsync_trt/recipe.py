@@ -64,6 +64,9 @@ GENERATOR_CHANNELS = (32, 64, 128, 256, 512)
 GENERATOR_IN_CHANNELS = 6
 BN_EPS = 1e-5
 
+# model calls
+ENCODER_BATCH = 256          # mel windows per audio-encoder call (batch freely, RECIPE §2; bounded for memory)
+
 # video defaults
 DEFAULT_CRF = 20             # the reference's ffmpeg -crf 20
 REFERENCE_PRESET = "medium"  # ffmpeg's default x264 preset, what the reference encodes with

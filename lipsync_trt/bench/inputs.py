@@ -12,9 +12,8 @@ from .. import recipe as R
 
 
 def frames_for_samples(n16k: int) -> int:
-    """Video frames that `n16k` samples at 16 kHz make (N + 2, RECIPE §2)."""
-    t = 1 + n16k // R.HOP_LENGTH
-    return A.num_windows(t) + 2 if t >= R.MEL_WINDOW else 0
+    """Video frames that `n16k` samples at 16 kHz make (recipe.num_frames; 0 when there is not one window)."""
+    return R.num_frames(n16k) if n16k >= R.MIN_SAMPLES else 0
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from . import require_ray
 from .jobs import Job
 from .outputs import is_complete
@@ -69,8 +69,12 @@ def write_summary(report: BatchReport, path: str | os.PathLike) -> None:
     """The summary JSON, written atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(report.summary(), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report.summary(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the summary ({exc.strerror})") from None
 
 
 def _skip_complete(jobs: list[Job], overwrite: bool, on_event: Event | None) -> tuple[list[Job], dict[int, JobResult]]:

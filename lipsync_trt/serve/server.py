@@ -19,8 +19,8 @@ import numpy as np
 from .. import compose
 from .. import recipe as R
 from ..errors import AudioError, UsageError
-from .protocol import (HEADER, HEADER_BYTES, MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, WS_MAX_MESSAGE_BYTES, ProtocolError,
-                       Status, decode_request, error_response)
+from .protocol import (CHUNK_SAMPLES, HEADER, HEADER_BYTES, MAX_GAP_CHUNKS, MAX_MESSAGE_BYTES, STREAM_RATE,
+                       WS_MAX_MESSAGE_BYTES, ProtocolError, Status, decode_request, error_response)
 from .scheduler import POLICIES, ModelEntry, Scheduler
 from .session import END, Stream, ready_chunk, ready_chunk_period
 
@@ -399,7 +399,7 @@ class Server:
     async def get_avatars(self, request):
         from aiohttp import web
 
-        return web.json_response({"avatars": sorted(self.entries), "chunk_samples": 960, "rate": 24000})
+        return web.json_response({"avatars": sorted(self.entries), "chunk_samples": CHUNK_SAMPLES, "rate": STREAM_RATE})
 
     async def get_meta(self, request):
         from aiohttp import web
