@@ -216,20 +216,28 @@ class TemplateCrops:
         import torch
 
         self.avatar, self.device, self.size, self.keep_frames = avatar, torch.device(device), size, frames
-        self._items: OrderedDict = OrderedDict()     # template -> (crop, frame or None)
+        self._items: OrderedDict = OrderedDict()     # template -> (crop, frame or None, box region)
         self._lock = threading.Lock()
         self.misses = 0
 
     @staticmethod
     def nbytes(avatar: "Avatar", templates: int, frames: bool = False) -> int:
-        """Memory of `templates` cached templates: the 328 crop, and the frame with frames=True."""
-        return templates * (R.CROP_SIZE ** 2 * 3 + (avatar.height * avatar.width * 3 if frames else 0))
+        """Memory of `templates` cached templates (at most): the 328 crop, the box region (the avatar's largest box),
+        and the frame with frames=True."""
+        b = avatar.boxes
+        region = int(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).max()) * 3
+        return templates * (R.CROP_SIZE ** 2 * 3 + region + (avatar.height * avatar.width * 3 if frames else 0))
 
     def get(self, ids: list[int]):
         """(crops (B, 328, 328, 3) uint8 on the device, boxes [(x1, y1, x2, y2)]) for template ids."""
         import torch
 
         return torch.stack([self._item(t)[0] for t in ids]), [tuple(int(v) for v in self.avatar.boxes[t]) for t in ids]
+
+    def region(self, t: int):
+        """Template t's box region (h, w, 3) uint8 on the device, as the frame holds it before pasting (what a
+        feathered mouth blends into); cached with the crop, read-only."""
+        return self._item(t)[2]
 
     def frame(self, t: int):
         """Template frame t (H, W, 3) uint8 on the device; read-only (clone it to paste into): cached with
@@ -254,7 +262,7 @@ class TemplateCrops:
         x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[t])
         region = torch.from_numpy(img[y1:y2, x1:x2].copy()).to(self.device)
         crop = compose.prepare([region], [(0, 0, x2 - x1, y2 - y1)])[1][0]
-        item = (crop, torch.from_numpy(img.copy()).to(self.device) if self.keep_frames else None)
+        item = (crop, torch.from_numpy(img.copy()).to(self.device) if self.keep_frames else None, region)
         with self._lock:
             self.misses += 1
             self._items[t] = item

@@ -306,8 +306,7 @@ class Batcher:
             sel = torch.tensor(ks, device=crops.device)
             bx = [boxes[k] for k in ks]
             if mouths:
-                templates = [compose.crop_box(batch[k].client.templates.frame(batch[k].template), boxes[k])
-                             for k in ks] if feather else None
+                templates = [batch[k].client.templates.region(batch[k].template) for k in ks] if feather else None
                 imgs = compose.mouths(crops[sel], pred[sel.to(pred.device)], bx, feather=feather, templates=templates)
             else:
                 frames = [batch[k].client.templates.frame(batch[k].template).clone() for k in ks]

@@ -50,5 +50,6 @@ def test_cache_is_off_by_default_on_cpu(sanders, torch_runner):
     av = AV.load(sanders)
     assert not pipeline.use_template_cache(torch_runner, av, av.count)
     assert pipeline.use_template_cache(torch_runner, av, av.count, cache=True)
-    assert AV.TemplateCrops.nbytes(av, 2) == 2 * 328 * 328 * 3
-    assert AV.TemplateCrops.nbytes(av, 2, frames=True) == 2 * (720 * 1280 * 3 + 328 * 328 * 3)
+    largest = max((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in (AV.face_box(m, 720, 1280) for m in av.landmarks))
+    assert AV.TemplateCrops.nbytes(av, 2) == 2 * (328 * 328 * 3 + largest * 3)        # crop + box region
+    assert AV.TemplateCrops.nbytes(av, 2, frames=True) == 2 * (720 * 1280 * 3 + 328 * 328 * 3 + largest * 3)
