@@ -307,3 +307,29 @@ def test_too_slow_client_is_dropped_without_waiting_for_it(fast, checkpoints):
         srv.stop()
     assert stats["slow_clients"] == 1, stats
     assert left == [] and handlers == 0, (left, handlers)
+
+
+def test_python_client_raises_at_once_when_the_stream_is_refused(fast, checkpoints):
+    """The bundled client (serve.client.stream) stops at the server's refusal instead of waiting for an END that
+    never comes: an unknown model, and no free stream slot."""
+    from lipsync_trt.serve import client as C
+
+    srv = start(fast, checkpoints, max_streams=1, stream_idle_s=0)
+    try:
+        audio = np.concatenate([chunk(i) for i in range(20)])
+        with pytest.raises(C.StreamRefused, match="unknown model 'nobody'"):
+            asyncio.run(C.stream(srv.ws_url, "nobody", audio, timeout=120))
+
+        async def hold_one_then_try_another():
+            import aiohttp
+
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(srv.ws_url) as ws:          # takes the only slot and keeps it
+                    await ws.send_bytes(P.encode_request("demo", 0, chunk(0)))
+                    await asyncio.sleep(0.5)
+                    return await C.stream(srv.ws_url, "demo", audio, session=session, timeout=120)
+
+        with pytest.raises(C.StreamRefused, match="streams already open"):
+            asyncio.run(hold_one_then_try_another())
+    finally:
+        srv.stop()

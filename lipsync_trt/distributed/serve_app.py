@@ -79,7 +79,7 @@ class Replica:
     async def _start(self) -> None:
         if not self._started:       # the scheduler and the idle sweep run on this replica's event loop
             self._started = True
-            await self.server._startup(None)
+            await self.server.start()
 
     @ingress.websocket("/")
     async def websocket(self, ws: WebSocket) -> None:
@@ -156,14 +156,13 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray Serve's health probe: the model worker must be alive (a replica without it is replaced)."""
-        worker = getattr(self.server.scheduler.batcher, "_thread", None)
-        if self._started and worker is not None and not worker.is_alive():
+        if self._started and not self.server.scheduler.batcher.alive:
             raise RuntimeError("the batcher's model thread has stopped")
 
     async def __del__(self) -> None:
         """Replica shutdown: open WebSockets get 1001 (going away), the batcher stops."""
         if self._started:
-            await self.server._shutdown(None)
+            await self.server.shutdown()
 
 
 def deployment_options(cfg: ServeConfig, replicas: str, gpus: float, cpus: float) -> dict:

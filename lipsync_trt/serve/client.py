@@ -18,6 +18,18 @@ def chunks(audio24k: np.ndarray) -> list[np.ndarray]:
     return [x[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES] for i in range(n)]
 
 
+class StreamRefused(Exception):
+    """The server will not make this stream: the model is unknown, or all its stream slots are taken."""
+
+
+def refusal(r: Response) -> str | None:
+    """The server's reason when response `r` refuses the whole stream (no END will follow), else None."""
+    reason = (r.error or "").strip()
+    if r.status == Status.UNKNOWN_MODEL or (r.status == Status.OVERLOADED and "streams already open" in reason):
+        return reason or Status(r.status).name
+    return None
+
+
 @dataclass
 class StreamResult:
     responses: list[Response] = field(default_factory=list)
@@ -32,7 +44,8 @@ class StreamResult:
 async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None = None, end: bool = True,
                  session=None, timeout: float = 600.0) -> StreamResult:
     """Send the audio as chunks (every `pace` seconds, or as fast as possible), then end of stream; collect
-    every response until END (or, with end=False, until the socket closes or `timeout`)."""
+    every response until END (or, with end=False, until the socket closes or `timeout`). StreamRefused at once
+    when the server refuses the stream (unknown model, no free stream slot), with its reason."""
     import aiohttp
 
     own = session is None
@@ -49,17 +62,22 @@ async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None 
                     res.received_at.append(time.perf_counter())
                     if r.status == Status.END:
                         return
+                    reason = refusal(r)
+                    if reason is not None:
+                        raise StreamRefused(f"{url} model {model!r}: {reason}")
 
             task = asyncio.ensure_future(reader())
             t0 = time.perf_counter()
             for i, c in enumerate(chunks(audio24k)):
+                if task.done():                 # refused (or the socket closed): stop sending
+                    break
                 if pace:
                     delay = t0 + i * pace - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 res.sent_at[i] = time.perf_counter()
                 await ws.send_bytes(encode_request(model, i, c))
-            if end:
+            if end and not task.done():
                 await ws.send_bytes(encode_request(model, len(res.sent_at), None))
             await asyncio.wait_for(task, timeout)
     finally:

@@ -312,11 +312,12 @@ class Server:
         app.router.add_get("/avatar/{name}/meta.json", self.get_meta)
         app.router.add_get(r"/avatar/{name}/frame/{n:\d{1,7}}.jpg", self.get_frame)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
-        app.on_startup.append(self._startup)
-        app.on_shutdown.append(self._shutdown)
+        app.on_startup.append(lambda _app: self.start())
+        app.on_shutdown.append(lambda _app: self.shutdown())
         return app
 
-    async def _startup(self, _app) -> None:
+    async def start(self) -> None:
+        """Start the model worker and the idle sweep (on the running event loop): aiohttp's startup, a Ray replica's."""
         self.scheduler.start()
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -335,7 +336,8 @@ class Server:
                 except Exception:     # a bug must not stop the sweep
                     self.stats["error_internal"] += 1
 
-    async def _shutdown(self, _app) -> None:
+    async def shutdown(self) -> None:
+        """Close open WebSockets with 1001 (going away) and stop the model worker."""
         # without this the handlers of connected clients would keep aiohttp's shutdown waiting for its timeout
         from aiohttp import WSCloseCode
 
