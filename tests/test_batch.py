@@ -298,3 +298,22 @@ def test_ray_batch_rerun_skips_finished_jobs(ray_batch, clips, capsys):
     assert summary["mode"] == "ray" and summary["totals"]["skipped"] == 3
     assert {name: (folder / "out" / f"{name}.mp4").stat().st_mtime_ns for name in clips["good"]} == stamps
     assert "3 skipped" in capsys.readouterr().out
+
+
+def test_unreachable_ray_address_fails_fast_in_one_line(demo, tmp_path, capsys):
+    import json
+    import socket
+
+    from lipsync_trt.__main__ import main
+
+    with socket.socket() as s:             # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"avatar": str(demo["avatar"]), "audio": str(demo["audio"]),
+                                "generator": str(demo["generator"]), "audio_encoder": str(demo["audio_encoder"]),
+                                "out": str(tmp_path / "a.mp4")}) + "\n")
+    assert main(["batch", str(jobs), "--ray", f"127.0.0.1:{port}", "--quiet"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and f"nothing answers at 127.0.0.1:{port}" in err[0]
+    assert not (tmp_path / "a.mp4").exists()

@@ -114,6 +114,20 @@ def run_local(jobs: list[Job], overwrite: bool = False, on_event: Event | None =
 
 # ------------------------------------------------------------------------------------------------ Ray
 
+def _check_reachable(address: str, error: type, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nothing answers at (Ray itself keeps retrying for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise error(f"--ray {address}: expected local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise error(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+
+
 def connect(ray, address: str) -> bool:
     """Join Ray: 'local' starts an instance on this machine, 'auto' joins the cluster this node belongs to,
     anything else is a cluster address (host:6379 or ray://host:10001). True when this call started it."""
@@ -121,6 +135,8 @@ def connect(ray, address: str) -> bool:
         return False
     from . import RayUnavailable
 
+    if address not in ("local", "auto"):
+        _check_reachable(address, RayUnavailable)
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False)
