@@ -48,8 +48,13 @@ class BatchReport:
         return 1 if self.count(FAILED) else 0
 
     def summary(self) -> dict:
-        per_job = [{**{k: v for k, v in job.to_dict().items() if v is not None}, **self.results[job.line].to_dict()}
-                   for job in self.jobs]
+        def fields(job: Job) -> dict:   # the job as given; its frame selection as "frames_selected"
+            d = {k: v for k, v in job.to_dict().items() if v is not None}
+            if "frames" in d:
+                d["frames_selected"] = d.pop("frames")
+            return d
+
+        per_job = [{**fields(job), **self.results[job.line].to_dict()} for job in self.jobs]
         s = self.seconds
         return {"mode": self.mode, "ray_address": self.address, "workers": self.workers, "plan": self.plan,
                 "jobs": per_job,
