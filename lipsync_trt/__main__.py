@@ -57,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_blend_arg(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    f = sub.add_parser("features", help="write the mel spectrogram (and encoder features) of a WAV to .npz")
-    f.add_argument("--audio", metavar="WAV", required=True)
+    f = sub.add_parser("features", help="write the mel spectrogram (and encoder features) of a WAV to .npz",
+                       description="Write the recipe's mel spectrogram of a WAV ('mel', 80 x T, float32) and, with an "
+                                   "audio encoder, the per-window features ('features', N x 512) to an .npz file, "
+                                   "written atomically.")
+    f.add_argument("--audio", metavar="WAV", required=True,
+                   help="speech audio (any rate, mono or stereo; resampled to 16 kHz mono as generate does)")
     f.add_argument("--audio-encoder", metavar="A.pth", help="when given, also write 'features' (N x 512)")
-    f.add_argument("--out", metavar="F.npz", required=True)
+    f.add_argument("--out", metavar="F.npz", required=True, help="output .npz file")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
     sub.add_parser("info", help="versions, devices and which backends are usable here (and why not)")

@@ -83,7 +83,7 @@ def _torch(generator: PathLike, audio_encoder: PathLike, precision: str, **_: ob
 def _onnx(generator: PathLike, audio_encoder: PathLike, precision: str, engines: PathLike | None = None,
           **_: object) -> Located:
     if precision == "bf16":
-        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 (or fp16 on CUDA)")
+        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 or fp16 (or --backend torch for bf16)")
     _require_checkpoints(generator, audio_encoder)
     out = engines
     if engines is not None and find_build(engines, generator, audio_encoder,

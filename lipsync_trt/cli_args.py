@@ -18,8 +18,10 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                         "generator's cost (not measured on a GPU yet); the torch backend also runs them on a CPU "
                         "(slowly: for checking their fidelity with `compare`)")
     p.add_argument("--engines", metavar="DIR", default=None,
-                   help="folder of built engines/ONNX from `python -m lipsync_trt.build` (default: engines/ for "
-                        "TensorRT, the cache folder for ONNX Runtime; built there when missing)")
+                   help="folder of builds from `python -m lipsync_trt.build`. TensorRT: its engines for these "
+                        "checkpoints (default engines/; built there when missing). ONNX Runtime: a build of these "
+                        "checkpoints found there is used; else ONNX is exported and verified once into the cache "
+                        "folder ($LIPSYNC_TRT_CACHE, default ~/.cache/lipsync_trt) and reused from there")
 
 
 def add_blend_arg(p: argparse.ArgumentParser) -> None:

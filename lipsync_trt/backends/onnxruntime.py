@@ -143,7 +143,7 @@ class OrtRunner(Runner):
 def check(device: torch.device, precision: str) -> None:
     """BackendError for a precision this backend cannot run (before anything is found or exported)."""
     if precision == "bf16":
-        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 (or fp16 on CUDA)")
+        raise BackendError("onnxruntime backend: bf16 is not supported; use fp32 or fp16 (or --backend torch for bf16)")
 
 
 def load(generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike, device: torch.device,

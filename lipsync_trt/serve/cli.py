@@ -109,8 +109,10 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
         generators.setdefault("demo", str(gen))
         encoder = encoder or str(enc)
         print(UNTRAINED_NOTE, file=sys.stderr)
-    if not encoder:
-        raise UsageError("serve needs --audio-encoder A.pth (or --demo)")
+    missing = [flag for flag, given in (("--avatar NAME=DIR", avatars), ("--generator [NAME=]G.pth", generators),
+                                        ("--audio-encoder A.pth", encoder)) if not given]
+    if missing:
+        raise UsageError(f"serve needs {', '.join(missing)} (or --demo)")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be within 0..65535 (0: any free port), got {args.port}")
     return ServeConfig(avatars=avatars, generators=generators, audio_encoder=encoder, backend=args.backend,
