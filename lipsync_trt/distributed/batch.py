@@ -136,12 +136,12 @@ def _check_reachable(address: str, error: type, timeout: float = 5.0) -> None:
 def connect(ray, address: str) -> bool:
     """Join Ray: 'local' starts an instance on this machine, 'auto' joins the cluster this node belongs to,
     anything else is a cluster address (host:6379 or ray://host:10001). True when this call started it."""
-    if ray.is_initialized():
-        return False
     from . import RayUnavailable
 
     if address not in ("local", "auto"):
         _check_reachable(address, RayUnavailable)
+    if ray.is_initialized():
+        return False
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False)
