@@ -8,16 +8,13 @@ to Serve, so one replica serves a connection for its whole life. Importable for 
 """
 
 # (no `from __future__ import annotations`: FastAPI must see the WebSocket annotation as a class, not a string)
-import asyncio
 import shlex
-import time
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
-from ..serve.protocol import Status, error_response
-from ..serve.server import STATIC, Connection, ServeConfig, Server, load_models
+from ..serve.server import STATIC, ServeConfig, Server, load_models
 
 ingress = FastAPI(title="lipsync_trt", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -88,34 +85,15 @@ class Replica:
         await self._start()
         await ws.accept()
         srv, sock = self.server, _Socket(ws)
-        conn = Connection(srv, sock)
-        writer = asyncio.ensure_future(conn.writer())
-        srv.stats["connections"] += 1
-        srv.sockets.add(sock)
-        srv.connections.add(conn)
+        conn, writer = srv.open(sock)
         try:
             while not conn.closed:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
-                conn.last_msg = time.monotonic()
-                if msg.get("bytes") is None:
-                    srv.stats["error_malformed"] += 1
-                    conn.send(error_response(Status.MALFORMED, 0, "text message; the protocol is binary"))
-                    continue
-                try:
-                    conn.on_message(msg["bytes"])
-                except Exception as exc:   # a bug must not take the connection (or the replica) down
-                    srv.stats["error_internal"] += 1
-                    conn.send(error_response(Status.INTERNAL, 0, f"internal error: {exc}"[:200]))
+                srv.receive(conn, msg.get("bytes"))
         finally:
-            srv.sockets.discard(sock)
-            srv.connections.discard(conn)
-            conn.close()
-            try:
-                await asyncio.wait_for(writer, timeout=5)
-            except (asyncio.TimeoutError, Exception):
-                writer.cancel()
+            await srv.release(sock, conn, writer)
             await sock.close()
 
     @ingress.get("/")

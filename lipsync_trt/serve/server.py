@@ -354,40 +354,52 @@ class Server:
             return await self.websocket(request)
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    def open(self, sock, transport=None) -> tuple[Connection, asyncio.Future]:
+        """A new WebSocket (aiohttp's, or the Ray replica's wrapper): its Connection and the task writing to it."""
+        conn = Connection(self, sock, transport)
+        self.stats["connections"] += 1
+        self.sockets.add(sock)
+        self.connections.add(conn)
+        return conn, asyncio.ensure_future(conn.writer())
+
+    def receive(self, conn: Connection, data: bytes | None) -> None:
+        """One message of a connection: binary `data`, or None for a text message (not the protocol's)."""
+        conn.last_msg = time.monotonic()
+        if data is None:
+            self.stats["error_malformed"] += 1
+            conn.send(error_response(Status.MALFORMED, 0, "text message; the protocol is binary"))
+            return
+        try:
+            conn.on_message(data)
+        except Exception as exc:   # a bug must not take the connection (or the server) down
+            self.stats["error_internal"] += 1
+            conn.send(error_response(Status.INTERNAL, 0, f"internal error: {exc}"[:200]))
+
+    async def release(self, sock, conn: Connection, writer: asyncio.Future) -> None:
+        """The connection is gone: its streams end, its writer finishes (or is cancelled after 5 s)."""
+        self.sockets.discard(sock)
+        self.connections.discard(conn)
+        conn.close()
+        try:
+            await asyncio.wait_for(writer, timeout=5)
+        except (asyncio.TimeoutError, Exception):
+            writer.cancel()
+
     async def websocket(self, request):
         from aiohttp import WSMsgType, web
 
         ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE_BYTES, compress=False, heartbeat=30)
         await ws.prepare(request)
-        conn = Connection(self, ws, request.transport)
-        writer = asyncio.ensure_future(conn.writer())
-        self.stats["connections"] += 1
-        self.sockets.add(ws)
-        self.connections.add(conn)
+        conn, writer = self.open(ws, request.transport)
         try:
             async for msg in ws:
-                conn.last_msg = time.monotonic()
-                if msg.type == WSMsgType.BINARY:
-                    try:
-                        conn.on_message(msg.data)
-                    except Exception as exc:   # a bug must not take the connection (or the server) down
-                        self.stats["error_internal"] += 1
-                        conn.send(error_response(Status.INTERNAL, 0, f"internal error: {exc}"[:200]))
-                elif msg.type == WSMsgType.TEXT:
-                    self.stats["error_malformed"] += 1
-                    conn.send(error_response(Status.MALFORMED, 0, "text message; the protocol is binary"))
-                else:
+                if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                     break
+                self.receive(conn, msg.data if msg.type == WSMsgType.BINARY else None)
                 if conn.closed:
                     break
         finally:
-            self.sockets.discard(ws)
-            self.connections.discard(conn)
-            conn.close()
-            try:
-                await asyncio.wait_for(writer, timeout=5)
-            except (asyncio.TimeoutError, Exception):
-                writer.cancel()
+            await self.release(ws, conn, writer)
         return ws
 
     def _entry(self, request) -> ModelEntry:
