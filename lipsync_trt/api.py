@@ -34,6 +34,10 @@ class LipSync:
         self._templates: avatar_mod.TemplateCrops | None = None
         self._batcher: Batcher | None = None
 
+    def _feather(self, blend: str | None) -> int:
+        """A call's `blend` as feather pixels; None keeps the one given to `load`."""
+        return self.feather if blend is None else compose.parse_blend(blend)
+
     def features(self, audio: str | os.PathLike | np.ndarray, rate: int | None = None) -> pipeline.Features:
         """Mel and audio-encoder features of a WAV path or a sample array (with its rate)."""
         return pipeline.encode_features(self.runner, _to_16k(audio, rate))
@@ -44,7 +48,7 @@ class LipSync:
         """Yield (video frame index, frame) for the audio: BGR uint8 (H, W, 3) numpy arrays, or torch tensors on
         the backend's device with as_tensor=True. `frames` picks indices ('0-99,120' or a list); `blend`
         ('none', 'feather', 'feather:PX') overrides the one given to `load` for this call."""
-        feather = self.feather if blend is None else compose.parse_blend(blend)
+        feather = self._feather(blend)
         feats = self.features(audio, rate)
         indices = None
         if frames is not None:
@@ -62,7 +66,7 @@ class LipSync:
         mouths=True (what the server sends); `blend` overrides the one given to `load`. Streams share this
         LipSync's `batcher` (or the one given), so streams pushed from several threads share generator calls."""
         start = self.start_frame if start_frame is None else start_frame
-        feather = self.feather if blend is None else compose.parse_blend(blend)
+        feather = self._feather(blend)
         return Stream(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, mouths=mouths,
                       as_tensor=as_tensor, start_frame=start, feather=feather)
 
@@ -104,7 +108,7 @@ class LipSync:
                  progress: bool = False, blend: str | None = None) -> pipeline.Summary:
         """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary.
         `blend` overrides the one given to `load` for this call."""
-        feather = self.feather if blend is None else compose.parse_blend(blend)
+        feather = self._feather(blend)
         if isinstance(audio, (str, os.PathLike)):
             samples, rate, source = *A.load(audio), str(audio)
         else:
