@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from . import recipe as R
 from .cli_args import add_backend_args, add_blend_arg
-from .errors import LipsyncError, OutputError, UsageError
+from .errors import OutputError, UsageError, run_command
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -178,27 +175,6 @@ def cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def _sigterm_as_exception():
-    """While a command runs, SIGTERM unwinds like Ctrl-C (temporary outputs removed) instead of killing at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"generate": cmd_generate, "features": cmd_features, "info": cmd_info}.get(args.command,
                                                                                          getattr(args, "handler", None))
-    try:
-        with _sigterm_as_exception():
-            return handler(args)
-    except LipsyncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    return run_command(lambda: handler(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""One exception type per kind of bad input; the CLI turns any of them into exit code 2 and one line."""
+"""One exception type per kind of bad input; the CLI turns any of them into exit code 2 and one line
+(`run_command`, shared by every command)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Callable
 
 
 class LipsyncError(Exception):
@@ -35,3 +43,41 @@ class StreamError(LipsyncError):
 
 class CompareError(LipsyncError):
     """Two clips that `compare` cannot compare: unreadable, of different lengths or frame sizes, or no SSIM library."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """While a command runs, SIGTERM unwinds like Ctrl-C (temporary outputs removed) instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """Run a command: its own exit code, 2 with one `error: ...` line for bad input (LipsyncError), 130 on
+    Ctrl-C, 143 on SIGTERM (outputs cleaned up as the exception unwinds)."""
+    try:
+        with _sigterm_as_exception():
+            return command()
+    except LipsyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM

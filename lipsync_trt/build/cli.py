@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from ..errors import LipsyncError, UsageError
+from ..errors import UsageError, run_command
 from .builder import DEFAULT_BATCH, DEFAULT_OUT, PRECISIONS, TARGETS, build
 
 
@@ -34,27 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; 0 on success, 2 with one `error: ...` line on stderr for bad input."""
+    """Run the command; 0 on success, 2 with one `error: ...` line on stderr for bad input (`run_command`)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.demo:
-            if args.generator or args.audio_encoder:
-                raise UsageError("--demo makes its own checkpoints; leave out --generator/--audio-encoder")
-            from ..demo import demo_checkpoints
+    return run_command(lambda: _build(args))
 
-            args.generator, args.audio_encoder = demo_checkpoints(Path(args.out) / "demo-checkpoints")
-        elif not (args.generator and args.audio_encoder):
-            raise UsageError("give --generator G.pth and --audio-encoder A.pth (or --demo)")
-        t0 = time.perf_counter()
-        m = build(args.generator, args.audio_encoder, target=args.target, precision=args.precision, batch=args.batch,
-                  out=args.out, force=args.force, progress=not args.quiet)
-        print(f"done in {time.perf_counter() - t0:.1f} s: {m['dir']}"
-              + "".join(f"\n  {kind}: {', '.join(files.values())}" for kind, files in m["artifacts"].items())
-              + "".join(f"\n  skipped {kind}: {why}" for kind, why in m.get("skipped", {}).items()))
-        return 0
-    except LipsyncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+def _build(args: argparse.Namespace) -> int:
+    if args.demo:
+        if args.generator or args.audio_encoder:
+            raise UsageError("--demo makes its own checkpoints; leave out --generator/--audio-encoder")
+        from ..demo import demo_checkpoints
+
+        args.generator, args.audio_encoder = demo_checkpoints(Path(args.out) / "demo-checkpoints")
+    elif not (args.generator and args.audio_encoder):
+        raise UsageError("give --generator G.pth and --audio-encoder A.pth (or --demo)")
+    t0 = time.perf_counter()
+    m = build(args.generator, args.audio_encoder, target=args.target, precision=args.precision, batch=args.batch,
+              out=args.out, force=args.force, progress=not args.quiet)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {m['dir']}"
+          + "".join(f"\n  {kind}: {', '.join(files.values())}" for kind, files in m["artifacts"].items())
+          + "".join(f"\n  skipped {kind}: {why}" for kind, why in m.get("skipped", {}).items()))
+    return 0
