@@ -1,9 +1,12 @@
 """lipsync_trt: SyncTalk_2D lip-sync inference (WAV -> MP4, Python API, streaming server), fast on every backend."""
 from setuptools import find_packages, setup
 
+VERSION = {}
+exec(open("lipsync_trt/version.py", encoding="utf-8").read(), VERSION)   # one version, without importing the package
+
 setup(
     name="lipsync_trt",
-    version="0.1.0",
+    version=VERSION["__version__"],
     description="Fast SyncTalk_2D lip-sync inference: PyTorch, ONNX Runtime, TensorRT and Core ML backends",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-CROP = 328                 # recipe.CROP_SIZE
-ROI = 320                  # recipe.ROI_SIZE
-OFF = 4                    # recipe.ROI_OFFSET
-MASK_RECT = (5, 5, 310, 305)   # recipe.MASK_RECT, cv2.rectangle (x, y, w, h): cols 5..314, rows 5..309
+from .. import recipe as R
+from ..tables import feather_ramp, unit_lut
+
+CROP, ROI, OFF, MASK_RECT = R.CROP_SIZE, R.ROI_SIZE, R.ROI_OFFSET, R.MASK_RECT   # the recipe's, imported (§6)
 
 # Tiles (BY, BX, num_warps); each program covers BY x BX pixels x 4 channel lanes (the 4th masked).
 # GPU values are NOT tuned by measurement yet: chosen so that ptxas (sm_90a) reports no register spills
@@ -171,19 +171,6 @@ def _boxes(boxes, frames: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple[in
     return b.to(device=frames.device, dtype=torch.int32).contiguous(), extent
 
 
-_luts: dict = {}
-
-
-def _unit_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """value / 255 for uint8 values, computed in float64 then cast (as compose and numpy do)."""
-    key = (device, dtype)
-    lut = _luts.get(key)
-    if lut is None:
-        lut = (torch.arange(256, dtype=torch.float64) / 255.0).to(dtype).to(device)
-        _luts[key] = lut
-    return lut
-
-
 def prepare(frames: torch.Tensor, boxes, dtype: torch.dtype = torch.float32, *,
             out: Optional[tuple[torch.Tensor, torch.Tensor]] = None, interpret: Optional[bool] = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +195,7 @@ def prepare(frames: torch.Tensor, boxes, dtype: torch.dtype = torch.float32, *,
             raise ValueError("out must be contiguous (inputs (B, 6, 320, 320) in dtype, crops (B, 328, 328, 3) uint8)")
     if B == 0:
         return inputs, crops
-    lut = _unit_lut(frames.device, dtype)
+    lut = unit_lut(frames.device, dtype)   # the one value/255 table (lipsync_trt.tables)
     by, bx_, nw = INTERP_TILE if mods.interpret else GPU_PREPARE_TILE
     mx, my, mw, mh = MASK_RECT
     grid = (_cdiv(CROP, bx_), _cdiv(CROP, by), B)
@@ -232,7 +219,7 @@ def paste(frames: torch.Tensor, crops328: torch.Tensor, pred: torch.Tensor, boxe
     is not modified), bicubic 328 -> each box's (h, w), write into frames[b, y1:y2, x1:x2]. The launch grid
     covers the largest box: taken from host boxes, from `max_box` = (h, w) when given, else the frame size
     (boxes on the GPU are not read back). feather > 0 blends into what the frames hold under each box with
-    the ramp of `lipsync_trt.compose.feather_alpha` (the same float32 alpha table) instead of overwriting.
+    the ramp of `lipsync_trt.tables.feather_ramp` (the float32 alpha table every path reads) instead of overwriting.
     """
     _check_frames(frames)
     B = frames.shape[0]
@@ -264,14 +251,12 @@ _feather_tables: dict = {}
 
 
 def _feather_table(feather: int, device: torch.device) -> torch.Tensor:
-    """compose.feather_ramp(feather) on the device (one float32 placeholder when feather is 0)."""
+    """tables.feather_ramp(feather) on the device (one float32 placeholder when feather is 0)."""
     if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
         raise ValueError(f"feather must be a whole number of pixels >= 0 (0 = no blending), got {feather!r}")
     key = (feather, device)
     table = _feather_tables.get(key)
     if table is None:
-        from ..compose import feather_ramp   # the one definition of the ramp
-
         ramp = feather_ramp(feather) if feather else [0.0]
         table = torch.tensor(ramp, dtype=torch.float32, device=device)
         _feather_tables[key] = table

@@ -10,6 +10,6 @@ TensorRT or Core ML.
 from .api import LipSync, load
 from .backends import available
 from .errors import LipsyncError
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LipSync", "LipsyncError", "available", "load", "__version__"]

@@ -73,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         from .serve.cli import add_parser as add_serve
     except ImportError:
         add_serve = None
-    if add_serve is not None:
-        add_serve(sub)
-    from .distributed.cli import add_parser as add_batch   # imports no Ray (that happens with --ray)
+    from .distributed.cli import add_parser as add_batch, cmd_serve   # imports no Ray (--ray does)
+    from .distributed.serve_options import add_serve_ray_args
+    if add_serve is not None:   # serve's --ray lives here, where serve and distributed are both known
+        serve = add_serve(sub)
+        add_serve_ray_args(serve)
+        serve.set_defaults(handler=cmd_serve)
     add_batch(sub)
     return parser
 
@@ -161,7 +164,8 @@ def cmd_info(_: argparse.Namespace) -> int:
 
     import torch
 
-    from . import __version__, backends
+    from . import backends
+    from .version import __version__
 
     print(f"lipsync_trt {__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}")
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")

@@ -19,6 +19,7 @@ import torch
 
 from . import recipe as R
 from .errors import UsageError
+from .tables import feather_ramp, unit_lut
 
 DEFAULT_FEATHER = 16   # `--blend feather`'s ramp width in pixels of the output frame
 MAX_FEATHER = 1024     # widest ramp accepted (a typo such as feather:99999999999 must not allocate gigabytes)
@@ -116,17 +117,6 @@ def _check_feather(feather: int) -> int:
         raise ValueError(f"feather must be a whole number of pixels in 0..{MAX_FEATHER} (0 = no blending), "
                          f"got {feather!r}")
     return int(feather)
-
-
-@functools.lru_cache(maxsize=64)
-def feather_ramp(px: int) -> np.ndarray:
-    """The blend's alpha for edge distances d = 0..px: 0.5 - 0.5 cos(pi d / px), computed in float64 and
-    stored as float32 (0 at d = 0, 1 at d = px). Every compositing path looks alpha up in this one table."""
-    d = np.arange(px + 1, dtype=np.float64)
-    ramp = (0.5 - 0.5 * np.cos(np.pi * d / px)).astype(np.float32)
-    ramp[0], ramp[-1] = 0.0, 1.0
-    ramp.setflags(write=False)
-    return ramp
 
 
 def feather_alpha(h: int, w: int, px: int) -> np.ndarray:

@@ -19,7 +19,7 @@ MANIFEST = "manifest.json"
 
 
 def _package_version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -169,18 +169,17 @@ def build(args: dict):
     import argparse
 
     from ..serve.cli import add_parser, config_from_args
+    from .serve_options import add_serve_ray_args, preflight
 
     argv = args.get("argv", "")
     argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
     parser = argparse.ArgumentParser(prog="lipsync_trt.distributed.serve_app:build")
     sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    add_serve_ray_args(add_parser(sub))
     ns = parser.parse_args(["serve", *argv])
     if ns.demo:
         raise ValueError("--demo writes its files into a temporary folder of one machine; give real paths here")
     cfg = config_from_args(ns)
-    from .cli import preflight
-
     preflight(cfg)
     return app(cfg, ns.replicas, ns.gpus_per_replica or 0.0, ns.cpus_per_replica or 1.0)
 

@@ -66,9 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "closed (code 1000); the browser client reconnects. Default 120; 0 = never")
     p.add_argument("--demo", action="store_true",
                    help="also serve the synthetic avatar 'demo' with seeded UNTRAINED weights (no files needed)")
-    from ..distributed.cli import add_serve_ray_args   # (imports no Ray)
-    add_serve_ray_args(p)
-    p.set_defaults(handler=run_serve)
+    p.set_defaults(handler=run_serve)   # (the top-level CLI adds --ray and its handler: lipsync_trt.__main__)
     return p
 
 
@@ -125,11 +123,7 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..distributed.cli import check_serve_ray_args, run_serve_on_ray
-
-    if check_serve_ray_args(args):   # Ray Serve: Ray's proxy takes the sockets (lipsync_trt.distributed.serve_app)
-        with tempfile.TemporaryDirectory(prefix="lipsync_serve_") as tmp:
-            return run_serve_on_ray(args, config_from_args(args, tmp))
+    """The plain server, one process (`serve --ray` goes to lipsync_trt.distributed.cli.cmd_serve first)."""
     try:
         import aiohttp  # noqa: F401
     except ImportError:
