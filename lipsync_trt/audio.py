@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +18,9 @@ def load(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read an audio file as float32 (samples, channels) at its own rate; errors name the file."""
     import soundfile as sf
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: audio file not found")
+    from .inputs import MAX_AUDIO_BYTES, check_file
+
+    path = check_file(path, "audio file", AudioError, MAX_AUDIO_BYTES)   # a regular file, bounded: never a FIFO
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:

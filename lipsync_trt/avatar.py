@@ -18,6 +18,7 @@ import numpy as np
 
 from . import recipe as R
 from .errors import AvatarError
+from .inputs import MAX_JPEG_BYTES, MAX_LANDMARKS_BYTES, read_file
 
 FRAMES_DIR = "full_body_img"
 LANDMARKS_DIR = "landmarks"
@@ -102,10 +103,7 @@ def read_jpeg(path: Path, checked: int | None = None) -> tuple[bytes, tuple[int,
     """A JPEG file's bytes and (height, width), checked by `check_jpeg`; AvatarError naming the file otherwise.
     When the bytes' CRC-32 equals `checked` (a file checked before and unchanged since), the check is skipped and
     the size is None."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AvatarError(f"{path}: cannot read frame ({exc.strerror})") from None
+    data = read_file(path, "template frame", AvatarError, MAX_JPEG_BYTES)   # a regular file, bounded: never a FIFO
     if checked is not None and zlib.crc32(data) == checked:
         return data, None
     return data, check_jpeg(data, path)
@@ -118,9 +116,10 @@ def jpeg_size(path: Path) -> tuple[int, int]:
 
 def read_landmarks(path: Path) -> np.ndarray:
     """(110, 2) int32 landmarks from an .lms file ("x y" per line, LF or CRLF), truncated toward zero."""
+    data = read_file(path, "landmarks file", AvatarError, MAX_LANDMARKS_BYTES)
     try:
-        text = path.read_text(encoding="ascii", errors="strict")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("ascii", errors="strict")
+    except UnicodeDecodeError as exc:
         raise AvatarError(f"{path}: cannot read landmarks ({exc})") from None
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) != R.LANDMARK_COUNT:

@@ -14,7 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
+from . import inputs
 from .errors import CompareError, OutputError
+from .inputs import MAX_PNG_BYTES, MAX_VIDEO_BYTES, check_file, open_file
 
 _PNG = re.compile(r"^(\d{6})\.png$")
 PEAK = 255.0                 # uint8 frames
@@ -49,43 +51,85 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------- reading clips
 
 def _frames_dir(path: Path) -> list[tuple[int, Path]]:
+    """The folder's {i:06d}.png frames, each checked now (a bounded regular file whose header states a size within
+    the bound), before any is decoded."""
     files = sorted((int(m.group(1)), path / name) for name in os.listdir(path) if (m := _PNG.match(name)))
     if not files:
         raise CompareError(f"{path}: no frames; expected {{i:06d}}.png files as `generate --frames-dir` writes")
+    for _, f in files:
+        png_size(f)
     return files
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, read without decoding; CompareError when the file is not a bounded
+    regular PNG file or states a size over the frame bound."""
+    with open_file(path, "PNG frame", CompareError, MAX_PNG_BYTES) as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise CompareError(f"{path}: not a PNG file (no PNG signature and IHDR header)")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    check_frame_size(width, height, path, "PNG frame")
+    return width, height
+
+
+def check_frame_size(width: int, height: int, path: str | os.PathLike, what: str) -> None:
+    """CompareError for a frame size over the bound (MAX_FRAME_SIDE a side, MAX_FRAME_PIXELS in all): checked from
+    the headers, before a frame is decoded, since comparing one pair takes tens of bytes a pixel."""
+    if not (0 < width <= inputs.MAX_FRAME_SIDE and 0 < height <= inputs.MAX_FRAME_SIDE
+            and width * height <= inputs.MAX_FRAME_PIXELS):
+        raise CompareError(f"{path}: {what}s are {width}x{height}; compare takes frames of at most "
+                           f"{inputs.MAX_FRAME_SIDE} a side and at most {inputs.MAX_FRAME_PIXELS} pixels")
+
+
 def read_clip(path: str | os.PathLike) -> tuple[list[int] | None, Iterator[np.ndarray]]:
-    """(frame indices for a folder, None for a video; an iterator of BGR uint8 (H, W, 3) frames)."""
+    """(frame indices for a folder, None for a video; an iterator of BGR uint8 (H, W, 3) frames). Inputs are checked
+    here (regular files, sizes from their headers), before anything is decoded."""
     p = Path(path)
     if p.is_dir():
         files = _frames_dir(p)
         return [i for i, _ in files], _read_pngs(files)
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise CompareError(f"{p}: not found; expected an MP4 or a folder of {{i:06d}}.png frames")
-    return None, _read_video(p)
+    check_file(p, "video", CompareError, MAX_VIDEO_BYTES)
+    return None, _read_video(_open_video(p), p)
 
 
 def _read_pngs(files: list[tuple[int, Path]]) -> Iterator[np.ndarray]:
     import cv2
 
     for _, f in files:
+        png_size(f)   # again: the file may have changed since the folder was checked
         img = cv2.imread(str(f), cv2.IMREAD_COLOR)
         if img is None:
             raise CompareError(f"{f}: cannot decode PNG")
         yield img
 
 
-def _read_video(path: Path) -> Iterator[np.ndarray]:
+def _open_video(path: Path):
+    """The opened container, its first video stream's size checked from the header before any frame is decoded."""
     import av
 
     try:
         container = av.open(str(path))
     except Exception as exc:   # av.error.* for unreadable or non-video files
         raise CompareError(f"{path}: cannot open as a video ({exc})") from None
-    with container:
+    try:
         if not container.streams.video:
             raise CompareError(f"{path}: has no video stream")
+        ctx = container.streams.video[0].codec_context
+        check_frame_size(int(ctx.width), int(ctx.height), path, "video frame")
+    except BaseException:
+        container.close()
+        raise
+    return container
+
+
+def _read_video(container, path: Path) -> Iterator[np.ndarray]:
+    with container:
         try:
             for frame in container.decode(video=0):
                 yield frame.to_ndarray(format="bgr24")

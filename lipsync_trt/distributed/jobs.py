@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import recipe as R
 from ..errors import UsageError
+from ..inputs import MAX_JOBS_BYTES, read_file
 
 PATH_FIELDS = ("avatar", "audio", "generator", "audio_encoder", "out", "frames_dir")
 REQUIRED = ("avatar", "audio", "generator", "audio_encoder")
@@ -100,12 +101,11 @@ def parse_job(record: object, line: int, base: Path, source: str = "JOBS") -> Jo
 def load_jobs(path: str | os.PathLike) -> list[Job]:
     """Every job of a JOBS.jsonl file (blank lines ignored); two jobs writing the same output are an error."""
     path = Path(path)
+    data = read_file(path, "jobs file", JobsError, MAX_JOBS_BYTES)   # a regular file, bounded: never a FIFO
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobsError(f"{path}: jobs file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JobsError(f"{path}: cannot read the jobs file ({getattr(exc, 'strerror', None) or exc})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobsError(f"{path}: cannot read the jobs file ({exc})") from None
     base = path.resolve().parent
     jobs: list[Job] = []
     owners: dict[str, int] = {}

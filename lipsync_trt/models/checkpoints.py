@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..inputs import MAX_CHECKPOINT_BYTES, open_file
 from .audio_encoder import AudioEncoder
 from .generator import Generator
 
@@ -24,10 +25,11 @@ def _first_line(exc: BaseException) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) a state_dict, with a clear error for a missing or foreign file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_file(path, "checkpoint file", CheckpointError, MAX_CHECKPOINT_BYTES) as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:GLOBAL|[Uu]nsupported global:?) ([\w.]+)", str(exc))
         if not found:   # junk bytes or an unsupported opcode: not a pickle we can read
@@ -89,7 +91,7 @@ def sha256(path: str | os.PathLike) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_file(path, "checkpoint file", CheckpointError, MAX_CHECKPOINT_BYTES) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
