@@ -1,15 +1,18 @@
 """Inputs that are not regular files (#20.1): a link to /dev/zero, a FIFO or an oversized file given as a template
 JPEG, landmarks, checkpoint, WAV, batch jobs file, compare frame or serve's avatar frame ends in one line and exit 2,
-without hanging and without an unbounded read."""
+without hanging and without an unbounded read. compare refuses frames too large from their headers, before decoding
+(#20.4)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from lipsync_trt import avatar as avatar_mod
 from lipsync_trt import inputs
 from lipsync_trt.__main__ import main
-from lipsync_trt.errors import AvatarError, CheckpointError
+from lipsync_trt.errors import AvatarError, CheckpointError, CompareError
 
 
 def one_line_error(stderr: str) -> str:
@@ -173,4 +176,48 @@ def test_the_bounds_fit_the_real_data_with_a_wide_margin(sanders):
     jpeg = max(p.stat().st_size for p in (sanders / "full_body_img").iterdir())
     lms = max(p.stat().st_size for p in (sanders / "landmarks").iterdir())
     assert inputs.MAX_JPEG_BYTES >= 100 * jpeg and inputs.MAX_LANDMARKS_BYTES >= 50 * lms
+
+
+# ------------------------------------------------------------------------------------- compare: sizes from headers
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR states width x height (8-bit RGB), with only the first rows' data: a decoder would have to
+    allocate the whole image before finding out it is short."""
+    rows = zlib.compress(b"\0" * (1 + 3 * width) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + _chunk(b"IDAT", rows) + _chunk(b"IEND", b""))
+    return path
+
+
+def test_compare_refuses_huge_pngs_from_their_headers(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        png_header_only(tmp_path / name / "000000.png", 20000, 20000)
+    code = main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 2
+    assert f"{tmp_path / 'a' / '000000.png'}: " in line and "20000x20000" in line
+    assert f"{inputs.MAX_FRAME_SIDE}" in line
+
+
+def test_compare_refuses_a_video_larger_than_the_bound_from_its_header(tmp_path, monkeypatch):
+    """The MP4's stream size is read before any frame is decoded (the bound lowered to below a 64x48 clip)."""
+    pytest.importorskip("skimage")
+    import numpy as np
+
+    from lipsync_trt import compare as compare_mod
+    from lipsync_trt.video import VideoWriter
+
+    for name in ("a.mp4", "b.mp4"):
+        with VideoWriter(tmp_path / name, 64, 48) as w:
+            for _ in range(2):
+                w.write(np.zeros((48, 64, 3), np.uint8))
+    monkeypatch.setattr(inputs, "MAX_FRAME_PIXELS", 64 * 48 - 1)
+    with pytest.raises(CompareError, match=r"a\.mp4: video frames are 64x48; .*at most 3071 pixels"):
+        compare_mod.compare(tmp_path / "a.mp4", tmp_path / "b.mp4")
 
