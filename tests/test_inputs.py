@@ -1,11 +1,12 @@
 """Inputs that are not regular files (#20.1): a link to /dev/zero, a FIFO or an oversized file given as a template
 JPEG, landmarks, checkpoint, WAV, batch jobs file, compare frame or serve's avatar frame ends in one line and exit 2,
 without hanging and without an unbounded read. compare refuses frames too large from their headers, before decoding
-(#20.4)."""
+(#20.4), and a checkpoint that is a plain pickle is one line, with no torch warning above it (#20.7)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import resource
 import shutil
 import struct
@@ -221,3 +222,16 @@ def test_compare_refuses_a_video_larger_than_the_bound_from_its_header(tmp_path,
     with pytest.raises(CompareError, match=r"a\.mp4: video frames are 64x48; .*at most 3071 pixels"):
         compare_mod.compare(tmp_path / "a.mp4", tmp_path / "b.mp4")
 
+
+# ------------------------------------------------------------------------------------- a plain pickle checkpoint
+
+def test_plain_pickle_checkpoint_is_exactly_one_line(demo, tmp_path):
+    path = tmp_path / "plain.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"inc.inconv.0.conv.0.weight": [1, 2, 3]}, f, protocol=4)
+    r = subprocess.run([sys.executable, "-m", "lipsync_trt", *generate_argv(demo, **{"--generator": path,
+                                                                                       "--out": tmp_path / "x.mp4"})],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert one_line_error(r.stderr).startswith(f"error: {path}: not a readable PyTorch state_dict")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) a state_dict, with a clear error for a missing or foreign file."""
     path = Path(path)
     try:
-        with open_file(path, "checkpoint file", CheckpointError, MAX_CHECKPOINT_BYTES) as f:
+        with open_file(path, "checkpoint file", CheckpointError, MAX_CHECKPOINT_BYTES) as f, \
+                warnings.catch_warnings():
+            # a plain pickle (no torch.save) makes torch warn about its protocol before refusing it: one line only
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(f, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
