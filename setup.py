@@ -30,7 +30,9 @@ setup(
         "gpu": ["triton>=3.0"],
         "serve": ["aiohttp>=3.14.4"],
         "ray": ["ray[serve]>=2.9"],                         # batch --ray, serve --ray (docs/SCALING.md)
+        "webrtc": ["aiohttp>=3.14.4", "aiortc>=1.9"],      # serve --webrtc (docs/LIVE.md)
         "compare": ["scikit-image>=0.19"],                 # SSIM in `python -m lipsync_trt compare`
+        "pipecat": ["pipecat-ai>=0.0.107"],                # lipsync_trt.pipecat: the Pipecat video service
         "dev": [
             "pytest>=8",
             "librosa>=0.10",
@@ -41,6 +43,8 @@ setup(
             "matplotlib>=3.7",
             "scikit-image>=0.19",
             "playwright>=1.40",                            # browser-client test, with the system chromium
+            "pipecat-ai>=0.0.107",                         # tests/test_pipecat.py (Pipecat's run_test)
+            "aiortc>=1.9",                                 # serve --webrtc tests (an aiortc client)
             "coremltools>=8.0; platform_system != 'Windows'",   # Core ML conversion round trip (runs on Linux)
             "triton>=3.0; platform_system == 'Linux'",   # kernel tests run under TRITON_INTERPRET=1 on CPU
         ],

@@ -66,6 +66,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "closed (code 1000); the browser client reconnects. Default 120; 0 = never")
     p.add_argument("--demo", action="store_true",
                    help="also serve the synthetic avatar 'demo' with seeded UNTRAINED weights (no files needed)")
+    p.add_argument("--webrtc", action="store_true",
+                   help="also serve WebRTC on the same port (needs the extra [webrtc]: aiortc): POST /offer with "
+                        '{"sdp", "type": "offer", "model": NAME} answers {"sdp", "type": "answer"}; the page is '
+                        "/webrtc.html. Each peer is one live stream (microphone in, the avatar's video and voice out "
+                        "at 25 fps), counted in --max-streams (docs/LIVE.md)")
+    p.add_argument("--webrtc-size", metavar="WxH",
+                   help="scale the WebRTC video to WxH (even numbers; default: the avatar's own size)")
+    p.add_argument("--webrtc-wait-ms", type=float, default=30.0, metavar="MS",
+                   help="a WebRTC frame not made this long after its 40 ms tick goes out on time as the template "
+                        "frame (counted late) instead of stalling the video (default 30)")
+    p.add_argument("--webrtc-silence-db", type=float, default=-50.0, metavar="DB",
+                   help="incoming WebRTC audio quieter than this (dBFS) for 0.5 s is silence: not pushed, so the "
+                        "avatar shows idle frames (the template, no generator call) (default -50)")
     p.set_defaults(handler=run_serve)   # (the top-level CLI adds --ray and its handler: lipsync_trt.__main__)
     return p
 
@@ -119,7 +132,9 @@ def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
                        max_queue=args.max_queue, max_delay_ms=args.max_delay_ms, policy=args.policy,
                        jpeg_quality=args.jpeg_quality, max_message=args.max_message,
                        stream_idle_s=args.stream_idle_s, http_idle_s=args.http_idle_s, ws_idle_s=args.ws_idle_s,
-                       blend=args.blend, options={"engines": args.engines} if args.engines else {})
+                       blend=args.blend, webrtc=args.webrtc, webrtc_size=args.webrtc_size,
+                       webrtc_wait_ms=args.webrtc_wait_ms, webrtc_silence_db=args.webrtc_silence_db,
+                       options={"engines": args.engines} if args.engines else {})
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -128,6 +143,11 @@ def run_serve(args: argparse.Namespace) -> int:
         import aiohttp  # noqa: F401
     except ImportError:
         raise UsageError("serve needs aiohttp: pip install 'lipsync_trt[serve]'") from None
+    if args.webrtc:
+        from .webrtc import missing
+
+        if missing():
+            raise UsageError(missing())
     from .server import run
 
     with tempfile.TemporaryDirectory(prefix="lipsync_serve_") as tmp:

@@ -54,6 +54,10 @@ class ServeConfig:
     http_idle_s: float = 15.0                  # an HTTP connection this long without a complete request is closed
     ws_idle_s: float = 120.0                   # a WebSocket with no stream nor message this long is closed; 0 = never
     blend: str = "none"                        # --blend: the mouths' box edge, none or feather[:PX] (compose.parse_blend)
+    webrtc: bool = False                       # --webrtc: POST /offer and /webrtc.html (serve/webrtc.py)
+    webrtc_size: str | None = None             # --webrtc-size WxH of the sent video (None: the avatar's)
+    webrtc_wait_ms: float = 30.0               # --webrtc-wait-ms: a frame not made by then goes out late (template)
+    webrtc_silence_db: float = -50.0           # --webrtc-silence-db: quieter incoming audio is not pushed (idle)
     options: dict = field(default_factory=dict)   # passed to backends.load (e.g. engines)
 
     def check(self) -> None:
@@ -86,6 +90,9 @@ class ServeConfig:
                 raise UsageError(f"--{key.replace('_', '-')} must be a number of seconds >= 0 (0: never)")
         if not 0 < self.http_idle_s < float("inf"):
             raise UsageError("--http-idle-s must be a positive number of seconds")
+        if self.webrtc:
+            from .webrtc import check_options
+            check_options(self)
 
 
 def load_models(cfg: ServeConfig) -> tuple[dict[str, ModelEntry], object]:
@@ -312,6 +319,9 @@ class Server:
         app.router.add_get("/avatar/{name}/meta.json", self.get_meta)
         app.router.add_get(r"/avatar/{name}/frame/{n:\d{1,7}}.jpg", self.get_frame)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
+        if self.cfg.webrtc:   # before the shutdown hook below: peers close before the model worker stops
+            from .webrtc import add_routes
+            add_routes(app, self)
         app.on_startup.append(lambda _app: self.start())
         app.on_shutdown.append(lambda _app: self.shutdown())
         return app
