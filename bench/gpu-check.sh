@@ -13,7 +13,7 @@
 #   e2e      WAV -> composited frames left on the GPU, whole clip, torch fp16/bf16, with stage shares
 #   compile  the bench again with torch:reduce-overhead (CUDA graphs), one run per precision: the first
 #            precision before the server, the others at the end as time allows
-#   serve    `python -m lipsync_trt.serve.bench`: K concurrent real-time streams, several client processes
+#   serve    `python -m lipsync_trt.bench serve`: K concurrent real-time streams, several client processes
 #   compare  CUDA fp32/fp16/bf16 frames vs CPU torch fp32 frames with `python -m lipsync_trt compare`
 # then one summary table (stdout, $OUT/summary.json). At most 8 files under $OUT (the device tool's limit).
 # The whole run stays inside GPU_CHECK_BUDGET seconds (default 560; each step's limit shrinks to what is left).
@@ -279,11 +279,11 @@ if ! want serve; then
 elif [ -z "$AVATAR" ]; then
     skip serve "no inputs (setup/inputs failed)"
 elif [ "$DRY" = 1 ]; then
-    step serve 150 "$R_SERVE" "$PY" -m lipsync_trt.serve.bench --avatar "$AVATAR" --audio "$AUDIO" --name demo \
+    step serve 150 "$R_SERVE" "$PY" -m lipsync_trt.bench serve --avatar "$AVATAR" --audio "$AUDIO" --name demo \
         --generator "$GEN" --audio-encoder "$ENC" --backend torch --device cpu --max-batch 2 --streams 2 --duration 1 \
         --client-procs 2 --warmup 0 --json "$OUT/serve.json"
 else
-    step serve 150 "$R_SERVE" "$PY" -m lipsync_trt.serve.bench --avatar "$AVATAR" --audio "$AUDIO" --name sanders \
+    step serve 150 "$R_SERVE" "$PY" -m lipsync_trt.bench serve --avatar "$AVATAR" --audio "$AUDIO" --name sanders \
         --generator "$GEN" --audio-encoder "$ENC" --backend torch --device cuda --precision fp16 --max-batch 64 \
         --streams "${GPU_CHECK_STREAMS:-16,64,128,160,224}" --duration 8 --client-procs 6 --warmup 2 \
         --json "$OUT/serve.json"

@@ -76,6 +76,30 @@ def test_compare_against_itself(quick_run):
     assert "+0.0%" in text
 
 
+@pytest.mark.parametrize("argv, prog", [
+    ([], "python -m lipsync_trt.bench [offline]"),
+    (["offline"], "python -m lipsync_trt.bench [offline]"),
+    (["serve"], "python -m lipsync_trt.bench serve"),
+    (["distributed", "batch"], "python -m lipsync_trt.bench distributed batch"),
+    (["distributed", "serve"], "python -m lipsync_trt.bench distributed serve"),
+    (["template-cache"], "python -m lipsync_trt.bench template-cache"),
+])
+def test_one_entry_point_runs_every_benchmark(argv, prog, capsys):
+    """python -m lipsync_trt.bench NAME runs that benchmark (its own --help), the offline one without a NAME; the
+    default help lists every benchmark of the package."""
+    from lipsync_trt.bench import commands
+
+    with pytest.raises(SystemExit) as exc:
+        commands.main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {prog} ")
+    if not argv:
+        listed = out[out.index("benchmarks:"):]
+        for name in ("offline", "serve", "distributed", "template-cache"):
+            assert f"\n  {name} " in listed, (name, listed)
+
+
 def test_frames_for_samples_matches_the_recipe():
     for n in (3000, 3199, 3200, 12345, 718147):
         t = 1 + n // 200

@@ -1,4 +1,4 @@
-"""The serve benchmark (python -m lipsync_trt.serve.bench): its latency/verdict arithmetic on constructed timings,
+"""The serve benchmark (python -m lipsync_trt.bench serve): its latency/verdict arithmetic on constructed timings,
 and one short real run against a server subprocess."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lipsync_trt.serve import bench as SB
+from lipsync_trt.bench import serve as SB
 from lipsync_trt.serve.protocol import Status
 from lipsync_trt.serve.session import ready_chunk
 
@@ -61,7 +61,7 @@ def test_demo_run_writes_a_complete_json(tmp_path):
     only at end of stream, all at once, which a busy 2-core CPU may take more than the server's default 1 s
     deadline to make: the deadline is raised with the budget.)"""
     out = tmp_path / "serve.json"
-    proc = subprocess.run([sys.executable, "-m", "lipsync_trt.serve.bench", "--demo", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "lipsync_trt.bench", "serve", "--demo", "--device", "cpu",
                            "--duration", "0.6", "--streams", "1", "--pace", "0.2", "--warmup", "0.6",
                            "--budget-ms", "5000", "--max-delay-ms", "5000", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)

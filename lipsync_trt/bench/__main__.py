@@ -1,6 +1,6 @@
-"""python -m lipsync_trt.bench (see lipsync_trt.bench.cli)."""
+"""python -m lipsync_trt.bench [BENCHMARK] [options] (see lipsync_trt.bench.commands; offline: lipsync_trt.bench.cli)."""
 import sys
 
-from .cli import main
+from .commands import main
 
 sys.exit(main())

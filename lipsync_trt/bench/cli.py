@@ -1,4 +1,5 @@
-"""python -m lipsync_trt.bench: backends, batch sizes and stages side by side, against the SyncTalk_2D baseline.
+"""python -m lipsync_trt.bench [offline]: backends, batch sizes and stages side by side, against the SyncTalk_2D
+baseline (the default benchmark; `python -m lipsync_trt.bench --help` also lists the others).
 
 Every configuration (backend x device x precision x batch size) and the baseline (bench.baseline: the reference's
 per-frame structure on the same inputs and device) are loaded once, then measured in rounds: each round takes
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from .analysis import analyse
+from .commands import listing
 from .flops import count_flops, matmul_peak
 from .inputs import make_inputs
 from .machine import loadavg, machine
@@ -25,15 +27,17 @@ from .offline import Bench
 from .plot import plot
 from .report import SCHEMA, compare, table, write_json
 
+BENCHMARK = ("offline", "backends, batch sizes, precisions and stages against the SyncTalk_2D baseline")
 QUICK = {"frames": 1, "repeat": 2, "warmup": 0, "audio_seconds": 1.0}
 DEFAULTS = {"frames": 32, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, with --quick or the defaults filled in where not given."""
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench",
+    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench [offline]",
                                 description="Compare backends, batch sizes and stages against the SyncTalk_2D "
-                                            "baseline; writes a table (stdout), a JSON and a PNG plot.")
+                                            "baseline;\nwrites a table (stdout), a JSON and a PNG plot.",
+                                epilog=listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("inputs")
     src.add_argument("--avatar", help="avatar folder (SyncTalk_2D layout: full_body_img/, landmarks/)")
     src.add_argument("--audio", help="speech WAV")

@@ -1,8 +1,9 @@
-"""`python -m lipsync_trt.distributed.bench batch|serve`: Ray's cost, measured side by side in one run.
+"""`python -m lipsync_trt.bench distributed batch|serve`: Ray's cost, measured side by side in one run.
 
 batch: the same jobs without Ray and on local Ray workers (1 and N), in interleaved rounds (jobs/s, frames/s).
-serve: the plain server and `serve --ray local` (1 replica) running at once, `lipsync_trt.serve.bench` against
-each in turn at a pace this machine keeps up with (latency beyond the algorithmic delay, p50/p99)."""
+serve: the plain server and `serve --ray local` (1 replica) running at once, the serve benchmark
+(`python -m lipsync_trt.bench serve`) against each in turn at a pace this machine keeps up with (latency beyond the
+algorithmic delay, p50/p99)."""
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+BENCHMARK = ("distributed", "Ray's cost: batch jobs without Ray vs on Ray workers, the server vs serve --ray "
+                            "(subcommands batch, serve)")
+
 
 def make_jobs(root: Path, count: int, seconds: float, avatar: str | None, audio: str | None,
               generator: str | None, audio_encoder: str | None) -> list:
     """`count` MP4 jobs: the demo avatar + checkpoints and seeded speech, or the files given."""
     from ..demo import demo_checkpoints, make_avatar, make_speech, write_wav
-    from .jobs import Job
+    from ..distributed.jobs import Job
 
     if generator is None or audio_encoder is None:
         generator, audio_encoder = (str(p) for p in demo_checkpoints(root / "weights"))
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     if argv[:1] == ["batch"]:
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.distributed.bench batch", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench distributed batch", description=__doc__)
     p.add_argument("--jobs", type=int, default=4, help="jobs per batch (default 4)")
     p.add_argument("--seconds", type=float, default=1.0, help="seconds of demo speech per job (default 1.0)")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to measure (default 1,2)")
@@ -58,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from ..bench.machine import machine
-    from .batch import run_local, run_ray
+    from ..distributed.batch import run_local, run_ray
+    from .machine import machine
 
     counts = [int(w) for w in args.workers.split(",")]
     renderer = {"backend": args.backend, "device": args.device}
@@ -137,7 +141,7 @@ def serve_main(argv: list[str]) -> int:
     import signal
     import subprocess
 
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.distributed.bench serve", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench distributed serve", description=__doc__)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--pace", type=float, default=0.2, help="seconds between chunks (default 0.2: 5 frames/s)")
@@ -147,7 +151,7 @@ def serve_main(argv: list[str]) -> int:
     p.add_argument("--json", metavar="OUT.json")
     args = p.parse_args(argv)
 
-    from ..bench.machine import machine
+    from .machine import machine
 
     base = [sys.executable, "-m", "lipsync_trt", "serve", "--demo", "--host", "127.0.0.1", "--backend", args.backend,
             "--device", args.device]
@@ -163,7 +167,7 @@ def serve_main(argv: list[str]) -> int:
             for r in range(args.rounds):
                 for name in ("plain", "ray"):
                     out = Path(tmp) / f"{name}{r}.json"
-                    subprocess.run([sys.executable, "-m", "lipsync_trt.serve.bench", "--url",
+                    subprocess.run([sys.executable, "-m", "lipsync_trt.bench", "serve", "--url",
                                     f"ws://127.0.0.1:{ports[name]}/", "--name", "demo", "--streams", args.streams,
                                     "--duration", str(args.duration), "--pace", str(args.pace), "--json", str(out)],
                                    check=True, stdout=subprocess.DEVNULL)

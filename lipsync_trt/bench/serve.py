@@ -1,4 +1,4 @@
-"""python -m lipsync_trt.serve.bench: the streaming server under K concurrent real-time streams.
+"""python -m lipsync_trt.bench serve: the streaming server under K concurrent real-time streams.
 
 Starts `python -m lipsync_trt serve` in a subprocess (or uses a running server with --url), then for K = 1, 2,
 4, ... opens K WebSocket connections that each send one 40 ms chunk of 24 kHz speech every 40 ms (real time)
@@ -15,8 +15,9 @@ K streams keep up when every frame of every stream is answered with a generated 
 failed or missing) and the p99 latency beyond the algorithmic delay is at most --budget-ms (default 150). The
 ramp doubles K until a K does not keep up (or --max-k) and reports the largest K that did.
 
-Clients run in this process (an asyncio loop; --client-procs N spreads the streams over N processes, which many
-streams need: one Python loop sends and receives ~25 messages per second per stream).
+Clients are the library's own (`lipsync_trt.serve.client.stream`), in this process (an asyncio loop;
+--client-procs N spreads the streams over N processes, which many streams need: one Python loop sends and receives
+~25 messages per second per stream).
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench.machine import loadavg, machine
-from ..bench.measure import log
-from ..bench.report import write_json
-from .protocol import CHUNK_SAMPLES, HEADER, REUSED_FILE, STREAM_RATE, Status, encode_request
-from .session import ready_chunk
+from ..serve import client
+from ..serve.protocol import CHUNK_SAMPLES, STREAM_RATE, Status
+from ..serve.session import ready_chunk
+from .machine import loadavg, machine
+from .measure import log
+from .report import write_json
 
+BENCHMARK = ("serve", "the streaming server (seed WebSocket protocol) under K concurrent real-time streams")
 SCHEMA = 1
-PACE = 0.040                      # seconds per chunk: real time
+PACE = CHUNK_SAMPLES / STREAM_RATE   # seconds per chunk: real time (0.04 s, one video frame)
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -99,71 +102,63 @@ def http_of(ws_url: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- clients
 
-async def _stream(session, url: str, msgs: list[bytes], t_start: float, pace: float | None, timeout: float) -> dict:
-    """Send msgs (chunks then END) paced from t_start (time.monotonic); collect (frame id, status, reused, t)."""
-    import aiohttp
-
-    n = len(msgs)
-    sent = [0.0] * n
-    late = [0.0] * n
-    answers: list[tuple[int, int, bool, float]] = []
-    end = {}
-    async with session.ws_connect(url, max_msg_size=1 << 24, autoping=True) as ws:
-        async def reader():
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    break
-                t = time.monotonic()
-                status, fid, zlen, _ = HEADER.unpack_from(msg.data)
-                if status == Status.END:
-                    end.update(frame_id=fid, t=t)
-                    return
-                answers.append((fid, status, status == Status.OK and REUSED_FILE.encode() in msg.data[-400:], t))
-
-        task = asyncio.ensure_future(reader())
-        for c, m in enumerate(msgs):
-            if pace:
-                delay = t_start + c * pace - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                late[c] = max(0.0, time.monotonic() - (t_start + c * pace))
-            sent[c] = time.monotonic()
-            await ws.send_bytes(m)
-        try:
-            await asyncio.wait_for(task, timeout)
-        except asyncio.TimeoutError:
-            task.cancel()
-    return {"sent": sent, "late": late, "answers": answers, "end": end}
+async def _stream(session, url: str, model: str, audio24: np.ndarray, t_start: float, pace: float | None,
+                  timeout: float) -> dict:
+    """One stream through the library's client (`serve.client.stream`), chunk 0 due at t_start (time.perf_counter),
+    as the timings `analyse` reads: chunk (and END) send times, how late each chunk went out, (frame id, status,
+    reused, arrival) per answer, and the END's frame id and arrival. A refused or timed-out stream keeps what came."""
+    res = client.StreamResult()
+    refused = None
+    try:
+        await client.stream(url, model, audio24, pace=pace, session=session, timeout=timeout, start=t_start,
+                            result=res)
+    except asyncio.TimeoutError:
+        pass
+    except client.StreamRefused as exc:
+        refused = str(exc)
+    chunks = len(audio24) // CHUNK_SAMPLES
+    planned = [t_start + c * (pace or 0.0) for c in range(chunks + 1)]
+    sent = [res.sent_at.get(c, planned[c]) for c in range(chunks)] + [res.end_sent_at or planned[-1]]
+    late = [max(0.0, sent[c] - planned[c]) if pace else 0.0 for c in range(chunks)] + [0.0]
+    answers, end = [], {}
+    for r, t in zip(res.responses, res.received_at):
+        if r.status == Status.END:
+            end = {"frame_id": r.frame_id, "t": t}
+        else:
+            answers.append((r.frame_id, r.status, r.status == Status.OK and r.reused, t))
+    out = {"sent": sent, "late": late, "answers": answers, "end": end}
+    if refused:
+        out["refused"] = refused
+    return out
 
 
-async def _streams(url: str, all_msgs: list[list[bytes]], t_start: float, pace: float | None, stagger: float,
-                   timeout: float) -> list[dict]:
+async def _streams(url: str, model: str, audios: list[np.ndarray], t_start: float, pace: float | None,
+                   stagger: float, timeout: float) -> list[dict]:
     import aiohttp
 
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
-        return await asyncio.gather(*[_stream(session, url, m, t_start + k * stagger, pace, timeout)
-                                      for k, m in enumerate(all_msgs)])
+        return await asyncio.gather(*[_stream(session, url, model, a, t_start + k * stagger, pace, timeout)
+                                      for k, a in enumerate(audios)])
 
 
 def _client_proc(job: tuple) -> list[dict]:
-    url, all_msgs, t_start, pace, stagger, timeout = job
-    return asyncio.run(_streams(url, all_msgs, t_start, pace, stagger, timeout))
+    return asyncio.run(_streams(*job))
 
 
-def run_clients(url: str, all_msgs: list[list[bytes]], pace: float | None, procs: int, timeout: float,
+def run_clients(url: str, model: str, audios: list[np.ndarray], pace: float | None, procs: int, timeout: float,
                 lead: float = 1.0) -> list[dict]:
     """Every stream's timings; streams start `lead` s from now, spread evenly over one chunk period."""
-    k = len(all_msgs)
+    k = len(audios)
     stagger = (pace or 0.0) / max(k, 1)
     if procs <= 1 or k == 1:
-        return asyncio.run(_streams(url, all_msgs, time.monotonic() + lead, pace, stagger, timeout))
+        return asyncio.run(_streams(url, model, audios, time.perf_counter() + lead, pace, stagger, timeout))
     import concurrent.futures as cf
     import multiprocessing as mp
 
     procs = min(procs, k)
-    t_start = time.monotonic() + lead + 2.0                  # spawn takes a moment
-    jobs = [(url, all_msgs[i::procs], t_start + i * stagger, pace, stagger * procs, timeout) for i in range(procs)]
+    t_start = time.perf_counter() + lead + 2.0               # spawn takes a moment (perf_counter: one system-wide clock)
+    jobs = [(url, model, audios[i::procs], t_start + i * stagger, pace, stagger * procs, timeout) for i in range(procs)]
     with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as ex:
         parts = list(ex.map(_client_proc, jobs))
     out: list[dict] = [None] * k                              # type: ignore[list-item]
@@ -257,17 +252,11 @@ def load_audio24(path: str | None, seconds: float, streams: int, seed: int = 0) 
     return [loop[(k * step) % len(x24):][:n] for k in range(streams)]
 
 
-def requests(model: str, audio24: np.ndarray) -> list[bytes]:
-    chunks = len(audio24) // CHUNK_SAMPLES
-    out = [encode_request(model, c, audio24[c * CHUNK_SAMPLES:(c + 1) * CHUNK_SAMPLES]) for c in range(chunks)]
-    return out + [encode_request(model, chunks, None)]
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m lipsync_trt.serve.bench",
+        prog="python -m lipsync_trt.bench serve",
         description="Latency and capacity of the streaming server: K concurrent real-time streams (one 40 ms "
                     "chunk every 40 ms each), K = 1, 2, 4, ... until the server falls behind. Writes a table "
                     "(stdout) and a JSON.")
@@ -395,14 +384,13 @@ def main(argv=None) -> int:
         try:
             if args.warmup > 0:        # first calls at each batch size, template cache: unpaced, then paced
                 w = load_audio24(audio_path, args.warmup, 1, seed=999)[0]
-                run_clients(url, [requests(args.name, w)], None, 1, timeout=600)
-                run_clients(url, [requests(args.name, w)], args.pace, 1, timeout=600, lead=0.1)
+                run_clients(url, args.name, [w], None, 1, timeout=600)
+                run_clients(url, args.name, [w], args.pace, 1, timeout=600, lead=0.1)
             for k in ks:
                 audio = load_audio24(audio_path, args.duration, k)
-                msgs = [requests(args.name, a) for a in audio]
                 before = asyncio.run(_get_json(http_of(url), "stats"))
                 t = time.monotonic()
-                runs = run_clients(url, msgs, args.pace, args.client_procs,
+                runs = run_clients(url, args.name, audio, args.pace, args.client_procs,
                                    timeout=max(120.0, 10 * args.duration * args.pace / PACE))
                 wall = time.monotonic() - t
                 after = asyncio.run(_get_json(http_of(url), "stats"))
@@ -427,7 +415,8 @@ def main(argv=None) -> int:
     kept = [r["k"] for r in results if r["keeps_up"]]
     report = {
         "schema": SCHEMA, "created": created,
-        "command": " ".join([Path(sys.executable).name, "-m", "lipsync_trt.serve.bench"] + (argv or sys.argv[1:])),
+        "command": " ".join([Path(sys.executable).name, "-m", "lipsync_trt.bench", "serve"]
+                           + (sys.argv[1:] if argv is None else list(argv))),
         "config": {k: v for k, v in vars(args).items()}, "machine": info, "inputs": {**inputs, "audio": audio_path or
                                                                                      "synthetic speech"},
         "server": server_info,

@@ -1,9 +1,10 @@
-"""Template cache, before/after, side by side in one run (issue #14.5): python bench/template_cache.py [--avatar DIR]
+"""python -m lipsync_trt.bench template-cache [--avatar DIR]: the template cache, bounded vs whole, side by side.
 
-1. The server's per-mouth work outside the generator: before, the LRU of 128 prepared float inputs of
-   serve/scheduler.py at ca517ff (sanders' ping-pong period is 1,044 frames, so every frame missed it: JPEG decode +
-   prepare); after, avatar.TemplateCrops (all 328 crops) + compose.generator_inputs. Then compose.mouths for both.
-   Mouths/s of that work alone, and with one measured generator call per batch of 8 added.
+1. The server's per-mouth work outside the generator: the template cache (`TemplateCrops`) bounded to an LRU of 128
+   templates, as the server's cache was before issue #14 (sanders' ping-pong period is 1,044 frames, so every frame
+   misses it: JPEG decode + prepare), against all templates kept (the server's default). Inputs are derived from
+   the crops (`compose.generator_inputs`), then `compose.mouths`. Mouths/s of that work alone, and with one measured
+   generator call per batch of 8 added.
 2. generate to memory (pipeline.iter_frames, onnxruntime, batch 1) on frames whose templates were used one ping-pong
    period earlier in the same run: template cache off (decode + prepare each frame) vs on (crops + decoded frames
    kept, inputs derived). A clip shorter than one period (sanders: 1,044 frames) never reuses a template.
@@ -14,61 +15,46 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lipsync_trt import audio as A
-from lipsync_trt import avatar as AV
-from lipsync_trt import backends, compose, pipeline
-from lipsync_trt.demo import demo_checkpoints, make_speech
+from .. import audio as A
+from .. import avatar as AV
+from .. import backends, compose, pipeline
+from ..demo import demo_checkpoints, make_speech
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def old_prepared(avatar, cache: OrderedDict, t: int, size: int = 128):
-    """serve/scheduler.py ModelEntry.prepared at ca517ff: (input (6, 320, 320), crop328, box), LRU of `size`."""
-    hit = cache.get(t)
-    if hit is not None:
-        cache.move_to_end(t)
-        return hit
-    x1, y1, x2, y2 = (int(v) for v in avatar.boxes[t])
-    crop = torch.from_numpy(np.ascontiguousarray(avatar.frame(t)[y1:y2, x1:x2]))
-    inputs, crop328 = compose.prepare([crop], [(0, 0, x2 - x1, y2 - y1)], torch.float32)
-    cache[t] = value = (inputs[0], crop328[0], (x1, y1, x2, y2))
-    while len(cache) > size:
-        cache.popitem(last=False)
-    return value
+BENCHMARK = ("template-cache", "the template cache: an LRU of 128 templates vs all kept (server mouths), "
+                               "off vs on (generate)")
+REPO = Path(__file__).resolve().parents[2]
+OLD_LRU = 128   # templates the server's cache held before issue #14
 
 
-def mouths_work(avatar, frames: int, batch: int, new: bool) -> float:
-    """Seconds for `frames` mouths (template side + compose.mouths), generator output fixed."""
+def mouths_work(avatar, frames: int, batch: int, size: int | None) -> float:
+    """Seconds for `frames` mouths (template side + compose.mouths) through a cache of `size` templates (None: all),
+    generator output fixed."""
     order = avatar.order(frames)
     pred = torch.rand(batch, 3, 320, 320)
-    crops_cache, old_cache = AV.TemplateCrops(avatar, "cpu"), OrderedDict()
+    cache = AV.TemplateCrops(avatar, "cpu", size=size)
     t0 = time.perf_counter()
     for s in range(0, frames, batch):
         ids = [int(t) for t in order[s:s + batch]]
-        if new:
-            crops, boxes = crops_cache.get(ids)
-            x = compose.generator_inputs(crops)
-        else:
-            prep = [old_prepared(avatar, old_cache, t) for t in ids]
-            x = torch.stack([p[0] for p in prep])
-            crops, boxes = torch.stack([p[1] for p in prep]), [p[2] for p in prep]
+        crops, boxes = cache.get(ids)
+        x = compose.generator_inputs(crops)
         assert x.shape[0] == len(ids)
         compose.mouths(crops, pred[:len(ids)], boxes)
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--avatar", default=str(REPO.parent / "shared" / "datasets" / "sanders"))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lipsync_trt.bench template-cache",
+                                 description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    ap.add_argument("--avatar", default=str(REPO.parent / "shared" / "datasets" / "sanders"),
+                    help="avatar folder (default ../shared/datasets/sanders)")
     ap.add_argument("--frames", type=int, default=120, help="frames per generate run (half measured)")
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import cv2
 
     cv2.setNumThreads(1)
@@ -81,17 +67,19 @@ def main() -> None:
     runner.generate(x, a)
     gen8 = time.perf_counter() - t
     print(f"generator b8: {gen8 * 1000:.0f} ms")
-    res: dict = {"old": [], "new": []}
-    for _ in range(args.rounds):       # one warm period for the new cache, then 1 period measured; interleaved
-        for key in ("old", "new"):
+    sizes = {f"LRU of {OLD_LRU}": OLD_LRU, "all templates": None}
+    res: dict = {key: [] for key in sizes}
+    for _ in range(args.rounds):       # two periods from a cold cache (the second one hits a whole cache); interleaved
+        for key, size in sizes.items():
             frames = 2 * period
-            secs = mouths_work(avatar, frames, 8, key == "new")
+            secs = mouths_work(avatar, frames, 8, size)
             res[key].append(frames / secs)
     for key in res:
         m = np.median(res[key])
         with_gen = 1 / (1 / m + gen8 / 8)
         print(f"server mouths, {key}: {m:.1f} mouths/s outside the generator ({res[key]}), {with_gen:.2f} with it")
-    print(f"ratio new/old outside the generator {np.median(res['new']) / np.median(res['old']):.2f}")
+    old, new = (np.median(v) for v in res.values())
+    print(f"ratio all/LRU outside the generator {new / old:.2f}")
 
     wav = A.load_16k(Path(args.avatar) / "talk_hb.wav") if (Path(args.avatar) / "talk_hb.wav").is_file() else \
         make_speech(50.0)
@@ -109,7 +97,10 @@ def main() -> None:
     off, on = np.median(gen[False]), np.median(gen[True])
     print(f"generate to memory, b1, {n} frames whose templates were used a period before: cache off {off:.2f} f/s "
           f"{gen[False]}, on {on:.2f} f/s {gen[True]}, ratio {on / off:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

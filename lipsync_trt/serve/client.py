@@ -35,6 +35,7 @@ class StreamResult:
     responses: list[Response] = field(default_factory=list)
     sent_at: dict[int, float] = field(default_factory=dict)        # chunk id -> perf_counter when sent
     received_at: list[float] = field(default_factory=list)        # per response
+    end_sent_at: float | None = None                              # perf_counter when the end of stream was sent
 
     @property
     def frames(self) -> list[Response]:
@@ -42,15 +43,19 @@ class StreamResult:
 
 
 async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None = None, end: bool = True,
-                 session=None, timeout: float = 600.0) -> StreamResult:
+                 session=None, timeout: float = 600.0, start: float | None = None,
+                 result: StreamResult | None = None) -> StreamResult:
     """Send the audio as chunks (every `pace` seconds, or as fast as possible), then end of stream; collect
     every response until END (or, with end=False, until the socket closes or `timeout`). StreamRefused at once
-    when the server refuses the stream (unknown model, no free stream slot), with its reason."""
+    when the server refuses the stream (unknown model, no free stream slot), with its reason.
+    `start`: the time.perf_counter() at which chunk 0 is due (default: once connected; benchmarks start many
+    streams on one clock). `result`: a StreamResult to fill in place, so that what arrived is kept when the
+    call raises (a timeout, a refusal)."""
     import aiohttp
 
     own = session is None
     session = session or aiohttp.ClientSession()
-    res = StreamResult()
+    res = StreamResult() if result is None else result
     try:
         async with session.ws_connect(url, max_msg_size=1 << 24) as ws:
             async def reader():
@@ -67,7 +72,7 @@ async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None 
                         raise StreamRefused(f"{url} model {model!r}: {reason}")
 
             task = asyncio.ensure_future(reader())
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if start is None else start
             for i, c in enumerate(chunks(audio24k)):
                 if task.done():                 # refused (or the socket closed): stop sending
                     break
@@ -78,6 +83,7 @@ async def stream(url: str, model: str, audio24k: np.ndarray, pace: float | None 
                 res.sent_at[i] = time.perf_counter()
                 await ws.send_bytes(encode_request(model, i, c))
             if end and not task.done():
+                res.end_sent_at = time.perf_counter()
                 await ws.send_bytes(encode_request(model, len(res.sent_at), None))
             await asyncio.wait_for(task, timeout)
     finally:
