@@ -7,7 +7,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import recipe as R
 from .cli_args import add_backend_args, add_blend_arg
 from .errors import OutputError, UsageError, run_command
 
@@ -21,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import video as V
+
     parser = argparse.ArgumentParser(
         prog="lipsync-trt",
         description="SyncTalk_2D lip-sync inference: turn speech audio into a talking-head video of a trained avatar.")
@@ -40,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="frames per model call (default 1 on CPU, where it measured fastest; 32 on CUDA)")
     g.add_argument("--start-frame", type=int, default=0, metavar="K",
                    help="ping-pong over template frames K..count-1 only (default 0)")
-    g.add_argument("--crf", type=int, default=R.DEFAULT_CRF, help="H.264 quality, 0-51, lower is better (default 20)")
+    g.add_argument("--crf", type=int, default=V.DEFAULT_CRF, help="H.264 quality, 0-51, lower is better (default 20)")
     g.add_argument("--codec", default="libx264", help="video encoder known to PyAV (default libx264; e.g. h264_nvenc)")
-    g.add_argument("--preset", default=R.DEFAULT_PRESET, choices=R.X264_PRESETS,
-                   help=f"libx264 speed/size trade-off (default {R.DEFAULT_PRESET}: about 3x faster than the "
-                        f"reference's {R.REFERENCE_PRESET} on a CPU; the frames are the same, only the encoding differs)")
+    g.add_argument("--preset", default=V.DEFAULT_PRESET, choices=V.X264_PRESETS,
+                   help=f"libx264 speed/size trade-off (default {V.DEFAULT_PRESET}: about 3x faster than the "
+                        f"reference's {V.REFERENCE_PRESET} on a CPU; the frames are the same, only the encoding differs)")
     g.add_argument("--compile", metavar="MODE", default=None,
                    help="torch backend only: torch.compile the generator with this mode (default, reduce-overhead = "
                         "CUDA graphs per batch size, max-autotune); the first batches then take longer")

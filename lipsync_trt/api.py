@@ -15,6 +15,7 @@ from . import backends
 from . import compose
 from . import pipeline
 from . import recipe as R
+from . import video
 from .batcher import Batcher
 from .stream import Stream
 
@@ -31,7 +32,7 @@ class LipSync:
         self.start_frame = start_frame
         avatar.order(2, start_frame)   # validate now, not at the first clip
         self._lock = threading.Lock()
-        self._templates: avatar_mod.TemplateCrops | None = None
+        self._templates: compose.TemplateCrops | None = None
         self._batcher: Batcher | None = None
 
     def _feather(self, blend: str | None) -> int:
@@ -55,7 +56,8 @@ class LipSync:
             spec = frames if isinstance(frames, str) else ",".join(map(str, frames))
             indices = pipeline.parse_frames(spec, feats.num_frames)
         for i, frame in pipeline.iter_frames(self.runner, self.avatar, feats, indices, self.start_frame,
-                                             self.batch_size, feather=feather, tune_threads=False):
+                                             self.batch_size, feather=feather, tune_threads=False,
+                                             templates=self.templates):
             yield i, (frame if as_tensor else frame.cpu().numpy())
 
     def stream(self, rate: int = R.SAMPLE_RATE, mouths: bool = False, as_tensor: bool = False,
@@ -71,11 +73,12 @@ class LipSync:
                       as_tensor=as_tensor, start_frame=start, feather=feather)
 
     @property
-    def templates(self) -> avatar_mod.TemplateCrops:
-        """The prepared-template cache of this avatar on the backend's device (shared by its streams)."""
+    def templates(self) -> compose.TemplateCrops:
+        """The prepared-template cache of this avatar on the backend's device (shared by its streams, and by
+        `frames`/`generate` when the pipeline caches templates: on CUDA when the avatar fits)."""
         with self._lock:
             if self._templates is None:
-                self._templates = avatar_mod.TemplateCrops(self.avatar, self.runner.device)
+                self._templates = compose.TemplateCrops(self.avatar, self.runner.device)
             return self._templates
 
     @property
@@ -103,8 +106,8 @@ class LipSync:
 
     def generate(self, audio: str | os.PathLike | np.ndarray, out: str | os.PathLike | None = None,
                  rate: int | None = None, frames_dir: str | os.PathLike | None = None,
-                 frames: str | list[int] | None = None, crf: int = R.DEFAULT_CRF, codec: str = "libx264",
-                 preset: str = R.DEFAULT_PRESET,
+                 frames: str | list[int] | None = None, crf: int = video.DEFAULT_CRF, codec: str = "libx264",
+                 preset: str = video.DEFAULT_PRESET,
                  progress: bool = False, blend: str | None = None) -> pipeline.Summary:
         """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary.
         `blend` overrides the one given to `load` for this call."""
@@ -118,7 +121,7 @@ class LipSync:
         return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
                                  frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
                                  crf=crf, codec=codec, preset=preset, progress=progress, source=source,
-                                 feather=feather)
+                                 feather=feather, templates=self.templates)
 
 
 def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarray:

@@ -154,16 +154,20 @@ def mel_windows(m: torch.Tensor) -> torch.Tensor:
 
 
 def pad_features(features: torch.Tensor) -> torch.Tensor:
-    """(N, 512) encoder outputs -> (N + 2, 512): first and last repeated once (one row per video frame)."""
-    return torch.cat([features[:1], features, features[-1:]], dim=0)
+    """(N, 512) encoder outputs -> (N + 2, 512), one row per video frame: row r is window recipe.window_of_row(r, N)
+    (the first and the last window repeated once, RECIPE §2)."""
+    n = features.shape[0]
+    rows = [R.window_of_row(r, n) for r in range(R.num_video_frames(n))]
+    return features[torch.as_tensor(rows, dtype=torch.long, device=features.device)]
 
 
 def feature_windows(padded: torch.Tensor, frames: torch.Tensor | list[int] | range) -> torch.Tensor:
-    """Feature windows (len(frames), 32, 16, 16) for the given video frames: rows [i-8, i+8) of the padded
-    features, zeros outside (RECIPE §3)."""
+    """Feature windows (len(frames), 32, 16, 16) for the given video frames: the padded features' rows
+    recipe.feature_rows(i), zeros for rows outside them (RECIPE §3)."""
     n = padded.shape[0]
-    idx = torch.as_tensor(list(frames) if not isinstance(frames, torch.Tensor) else frames, device=padded.device)
-    rows = idx[:, None] + torch.arange(-R.FEATURE_CONTEXT, R.FEATURE_CONTEXT, device=padded.device)[None, :]
+    idx = frames.tolist() if isinstance(frames, torch.Tensor) else list(frames)
+    rows = torch.as_tensor([list(R.feature_rows(int(i))) for i in idx], dtype=torch.long,
+                           device=padded.device).reshape(len(idx), len(R.feature_rows(0)))
     valid = (rows >= 0) & (rows < n)
     out = padded[rows.clamp(0, n - 1)] * valid[..., None].to(padded.dtype)
     return out.reshape(len(idx), *R.FEATURE_SHAPE)

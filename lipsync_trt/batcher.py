@@ -7,7 +7,7 @@ longer than `max_delay` since the audio that made it ready arrived is refused in
 stays bounded in time however many streams share the device. A refused frame is reported as REJECTED or SKIPPED
 (`policy`): the client says no frame, or repeats its last one.
 
-A client is any object with: `runner` (its generator), `templates` (an `avatar.TemplateCrops` on the runner's
+A client is any object with: `runner` (its generator), `templates` (a `compose.TemplateCrops` on the runner's
 device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `feather` (optional: the box
 edge blend in pixels, `compose.parse_blend`), `frames` (a `stream.ReadyFrames`,
 for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
@@ -31,9 +31,9 @@ import torch
 from . import compose
 from . import recipe as R
 from .errors import StreamError
+from .pipeline import ENCODER_BATCH   # mel windows per audio-encoder call, as the offline path
 
 POLICIES = ("reject", "skip")
-ENCODER_BATCH = R.ENCODER_BATCH
 FRAME, REJECTED, SKIPPED, ERROR, ENCODED, END, FAILED = ("frame", "rejected", "skipped", "error", "encoded", "end",
                                                     "failed")
 

@@ -7,12 +7,17 @@ Three implementations of the same steps, picked by where the frames are (`impl="
 - "torch": a PyTorch bicubic that reproduces OpenCV's INTER_CUBIC for uint8 images (half-pixel centres,
   a = -0.75, replicated edges, no antialiasing, float32 taps; equal to OpenCV 4.14 and 5.0 on >= 99.9% of
   pixels, the rest off by 1). It runs on any device and is the oracle for the GPU kernels.
-Frames are uint8 (H, W, 3) BGR tensors; boxes are (x1, y1, x2, y2) with x2/y2 exclusive, as slices.
+Frames are uint8 (H, W, 3) BGR tensors; boxes are (x1, y1, x2, y2) with x2/y2 exclusive, as slices. Every path cuts
+the generator's window and masks through `roi` / `fill_inputs` and reads values / 255 from `tables.unit_lut`.
+`TemplateCrops` is the prepared-template cache (328 crops, box regions, optionally frames) built with `prepare`.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +25,9 @@ import torch
 from . import recipe as R
 from .errors import UsageError
 from .tables import feather_ramp, unit_lut
+
+if TYPE_CHECKING:
+    from .avatar import Avatar
 
 DEFAULT_FEATHER = 16   # `--blend feather`'s ramp width in pixels of the output frame
 MAX_FEATHER = 1024     # widest ramp accepted (a typo such as feather:99999999999 must not allocate gigabytes)
@@ -72,10 +80,24 @@ def resize_cubic(img: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return acc.round_().clamp_(0, 255).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=16)
-def _unit_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 -> value / 255 computed in float64 then cast (what numpy's img / 255.0 then astype gives)."""
-    return (torch.arange(256, dtype=torch.float64) / 255.0).to(dtype).to(device)
+# The generator's window of the 328 crop and the recipe's mask rectangle (RECIPE §6), as slices: every CPU and
+# PyTorch path cuts and masks through `roi` and `fill_inputs`; the Triton kernels take the same recipe constants.
+_ROI = slice(R.ROI_OFFSET, R.ROI_OFFSET + R.ROI_SIZE)          # rows and columns 4..323 of the 328 crop
+_MX, _MY, _MW, _MH = R.MASK_RECT                                 # cv2.rectangle (x, y, w, h)
+_MASK_ROWS, _MASK_COLS = slice(_MY, _MY + _MH), slice(_MX, _MX + _MW)   # rows 5..309, columns 5..314 of the window
+
+
+def roi(crop328):
+    """The generator's 320x320 window of (..., 328, 328, C) crops: [..., 4:324, 4:324, :], a view (numpy or torch)."""
+    return crop328[..., _ROI, _ROI, :]
+
+
+def fill_inputs(out):
+    """Complete generator inputs (..., 6, 320, 320) whose channels 0-2 hold roi / 255, in place: channels 3-5 become
+    the same with the mask rectangle zeroed (the reference's cv2.rectangle(..., -1) on a copy). numpy or torch."""
+    out[..., 3:, :, :] = out[..., :3, :, :]
+    out[..., 3:, _MASK_ROWS, _MASK_COLS] = 0
+    return out
 
 
 def crop_box(frame: torch.Tensor, box) -> torch.Tensor:
@@ -86,14 +108,9 @@ def crop_box(frame: torch.Tensor, box) -> torch.Tensor:
 def prepare_one(frame: torch.Tensor, box, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """One frame -> (generator input (6, 320, 320) [roi, masked] BGR in [0,1], crop328 uint8 (328, 328, 3))."""
     crop328 = resize_cubic(crop_box(frame, box), R.CROP_SIZE, R.CROP_SIZE)
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
-    roi = crop328[o:o + n, o:o + n]
-    masked = roi.clone()
-    mx, my, mw, mh = R.MASK_RECT
-    masked[my:my + mh, mx:mx + mw] = 0
-    lut = _unit_lut(frame.device, dtype)
-    both = torch.cat([roi, masked], dim=2).permute(2, 0, 1).long()
-    return lut[both], crop328
+    out = torch.empty((6, R.ROI_SIZE, R.ROI_SIZE), dtype=dtype, device=frame.device)
+    out[:3] = unit_lut(frame.device, dtype)[roi(crop328).permute(2, 0, 1).long()]
+    return fill_inputs(out), crop328
 
 
 def parse_blend(spec: str | None) -> int:
@@ -147,16 +164,12 @@ def _blend_torch(template: torch.Tensor, mouth: torch.Tensor, px: int) -> torch.
 def generator_inputs(crops328: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, 328, 328, 3) uint8 crops -> (B, 6, 320, 320) generator input [roi, masked roi] / 255 (RECIPE §6), on the
     crops' device: what `prepare` returns with them, from the crops alone (a template cache keeps only those).
-    v / 255 in float32, then cast, equals `_unit_lut` (float64, then cast) for all 256 values in float32, float16
-    and bfloat16 (tests/test_stream.py checks it)."""
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
+    v / 255 in float32, then cast, equals `tables.unit_lut` (float64, then cast) for all 256 values in float32,
+    float16 and bfloat16 (tests/test_stream.py checks it), and needs no int64 index of the whole batch."""
+    n = R.ROI_SIZE
     out = torch.empty(len(crops328), 6, n, n, dtype=torch.float32, device=crops328.device)
-    roi = out[:, :3]
-    roi.copy_(crops328[:, o:o + n, o:o + n].permute(0, 3, 1, 2))
-    roi.div_(255)
-    out[:, 3:] = roi
-    mx, my, mw, mh = R.MASK_RECT
-    out[:, 3:, my:my + mh, mx:mx + mw] = 0
+    out[:, :3].copy_(roi(crops328).permute(0, 3, 1, 2)).div_(255)
+    fill_inputs(out)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -186,29 +199,19 @@ def _cv2_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_CUBIC)
 
 
-@functools.lru_cache(maxsize=1)
-def _unit_lut_np() -> np.ndarray:
-    return (np.arange(256, dtype=np.float64) / 255.0).astype(np.float32)
-
-
 def _prepare_cv2(frame: torch.Tensor, box, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`prepare_one` with OpenCV's resize on a CPU frame."""
     crop328 = _cv2_resize(crop_box(frame, box).numpy(), R.CROP_SIZE, R.CROP_SIZE)
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
-    both = np.empty((6, n, n), np.float32)
-    np.take(_unit_lut_np(), crop328[o:o + n, o:o + n].transpose(2, 0, 1), out=both[:3])
-    both[3:] = both[:3]
-    mx, my, mw, mh = R.MASK_RECT
-    both[3:, my:my + mh, mx:mx + mw] = 0
-    return torch.from_numpy(both).to(dtype), torch.from_numpy(crop328)
+    both = np.empty((6, R.ROI_SIZE, R.ROI_SIZE), np.float32)
+    np.take(unit_lut().numpy(), roi(crop328).transpose(2, 0, 1), out=both[:3])
+    return torch.from_numpy(fill_inputs(both)).to(dtype), torch.from_numpy(crop328)
 
 
 def _mouth_cv2(crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor:
     """`mouth_one` with OpenCV's resize (CPU tensors)."""
     x1, y1, x2, y2 = (int(v) for v in box)
     c = crop328.numpy().copy()
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
-    c[o:o + n, o:o + n] = pred_u8.numpy()
+    roi(c)[...] = pred_u8.numpy()
     return torch.from_numpy(_cv2_resize(c, y2 - y1, x2 - x1))
 
 
@@ -239,8 +242,7 @@ def mouth_one(crop328: torch.Tensor, pred_u8: torch.Tensor, box) -> torch.Tensor
     """The box-sized region paste writes: pred in the crop's inner 320, the crop resized back to the box."""
     x1, y1, x2, y2 = (int(v) for v in box)
     c = crop328.clone()
-    o, n = R.ROI_OFFSET, R.ROI_SIZE
-    c[o:o + n, o:o + n] = pred_u8
+    roi(c)[...] = pred_u8
     return resize_cubic(c, y2 - y1, x2 - x1)
 
 
@@ -291,4 +293,65 @@ def paste(frames: list[torch.Tensor] | torch.Tensor, crops328: torch.Tensor, pre
     return frames
 
 
-__all__ = ["parse_blend", "feather_alpha", "feather_ramp", "DEFAULT_FEATHER", "resize_cubic", "prepare", "prepare_one", "paste", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]
+class TemplateCrops:
+    """The prepared-template cache each LipSync (and each avatar of the server) owns: the 328x328 uint8 crop of each
+    template (RECIPE §6) with its box region and, when asked, the decoded template frame, on one device, in an LRU of
+    `size` templates (None: all). Generator inputs (`generator_inputs`) and the paste both derive from the crop, so
+    a cached template costs no JPEG decode and no resize. Used by the offline pipeline, the live streams and the
+    server; thread-safe. `avatar` is a loaded `avatar.Avatar` (its frames, boxes, height and width are read)."""
+
+    def __init__(self, avatar: "Avatar", device, size: int | None = None, frames: bool = False):
+        self.avatar, self.device, self.size, self.keep_frames = avatar, torch.device(device), size, frames
+        self._items: OrderedDict = OrderedDict()     # template -> [crop, frame or None, box region]
+        self._lock = threading.Lock()
+        self.misses = 0
+
+    @staticmethod
+    def nbytes(avatar: "Avatar", templates: int, frames: bool = False) -> int:
+        """Memory of `templates` cached templates (at most): the 328 crop, the box region (the avatar's largest box),
+        and the frame with frames=True."""
+        b = avatar.boxes
+        region = int(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).max()) * 3
+        return templates * (R.CROP_SIZE ** 2 * 3 + region + (avatar.height * avatar.width * 3 if frames else 0))
+
+    def get(self, ids: list[int]) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """(crops (B, 328, 328, 3) uint8 on the device, boxes [(x1, y1, x2, y2)]) for template ids."""
+        return torch.stack([self._item(t)[0] for t in ids]), [tuple(int(v) for v in self.avatar.boxes[t]) for t in ids]
+
+    def region(self, t: int) -> torch.Tensor:
+        """Template t's box region (h, w, 3) uint8 on the device, as the frame holds it before pasting (what a
+        feathered mouth blends into); cached with the crop, read-only."""
+        return self._item(t)[2]
+
+    def frame(self, t: int, keep: bool | None = None) -> torch.Tensor:
+        """Template frame t (H, W, 3) uint8 on the device; read-only (clone it to paste into). Kept in the cache with
+        the crop when `keep` (default: frames=True at construction), else decoded (through the avatar's small LRU)."""
+        if not (self.keep_frames if keep is None else keep):
+            return torch.from_numpy(self.avatar.frame(t).copy()).to(self.device)
+        item = self._item(t)
+        if item[1] is None:
+            img = torch.from_numpy(self.avatar.frame(t).copy()).to(self.device)
+            with self._lock:
+                item[1] = img if item[1] is None else item[1]
+        return item[1]
+
+    def _item(self, t: int) -> list:
+        with self._lock:
+            item = self._items.get(t)
+            if item is not None:
+                self._items.move_to_end(t)
+                return item
+        img = self.avatar.frame(t)
+        x1, y1, x2, y2 = (int(v) for v in self.avatar.boxes[t])
+        region = torch.from_numpy(img[y1:y2, x1:x2].copy()).to(self.device)
+        crop = prepare([region], [(0, 0, x2 - x1, y2 - y1)])[1][0]
+        item = [crop, torch.from_numpy(img.copy()).to(self.device) if self.keep_frames else None, region]
+        with self._lock:
+            self.misses += 1
+            self._items[t] = item
+            while self.size is not None and len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item
+
+
+__all__ = ["TemplateCrops", "fill_inputs", "roi", "generator_inputs", "parse_blend", "feather_alpha", "feather_ramp", "DEFAULT_FEATHER", "resize_cubic", "prepare", "prepare_one", "paste", "to_uint8", "cubic_taps", "mouths", "mouth_one", "IMPLS"]

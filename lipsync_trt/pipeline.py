@@ -18,11 +18,13 @@ import torch
 from . import audio as A
 from . import compose
 from . import recipe as R
-from .avatar import Avatar, TemplateCrops
+from .avatar import Avatar
 from .backends.base import Runner
+from .compose import TemplateCrops
 from .errors import UsageError
+from .video import DEFAULT_CRF, DEFAULT_PRESET
 
-ENCODER_BATCH = R.ENCODER_BATCH
+ENCODER_BATCH = 256   # mel windows per audio-encoder call (windows batch freely, RECIPE §2; bounded for memory)
 HELPER_NICE = 10   # how much lower than the model's the helper threads' CPU priority is, on a CPU (Linux)
 
 
@@ -46,7 +48,7 @@ CACHE_FREE_FRACTION = 0.25      # ... and at most this share of the device's fre
 
 
 def use_template_cache(runner: Runner, avatar: Avatar, templates: int, cache: bool | None = None) -> bool:
-    """Whether iter_frames keeps each template's crop and decoded frame on the device (`avatar.TemplateCrops`):
+    """Whether iter_frames keeps each template's crop and decoded frame on the device (`compose.TemplateCrops`):
     `cache` when given, else on CUDA when all `templates` fit the budget. On a CPU it stays off by default: a clip
     reuses a template only after a ping-pong period (sanders: 1,044 frames), and the whole avatar would take
     gigabytes of host memory (measured: docs/BENCHMARKS.md, "Template cache")."""
@@ -165,9 +167,9 @@ def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, te
 
 
 def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCrops | None = None):
-    if cache is not None:   # inputs derived from the cached crops; a fresh copy of each frame to paste into
+    if cache is not None:   # inputs derived from the cached crops; a fresh copy of each (kept) frame to paste into
         crops, boxes = cache.get(template_ids)
-        frames = [cache.frame(t).clone() for t in template_ids]
+        frames = [cache.frame(t, keep=True).clone() for t in template_ids]
         return frames, compose.generator_inputs(crops, runner.dtype), crops, boxes
     frames = [torch.from_numpy(avatar.frame(t).copy()).to(runner.device) for t in template_ids]
     boxes = [avatar.boxes[t] for t in template_ids]
@@ -262,30 +264,38 @@ def in_background(fn: Callable[[object], None], setup: Callable[[], None] | None
 
 def iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None = None,
                 start_frame: int = 0, batch_size: int | None = None, timings: dict | None = None,
-                cache: bool | None = None, feather: int = 0, tune_threads: bool = True
-                ) -> Iterator[tuple[int, torch.Tensor]]:
+                cache: bool | None = None, feather: int = 0, tune_threads: bool = True,
+                templates: TemplateCrops | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (video frame index, composited frame (H, W, 3) uint8 BGR torch tensor) in ascending order.
     `feather` > 0 blends each box's edge into the template over that many pixels (`compose.parse_blend`).
 
     Decode + prepare runs in one thread, the generator in another, paste in the caller's thread, so the
     three overlap. `timings`, when given, accumulates seconds per stage ('prepare', 'model', 'paste').
-    `cache`: keep decoded + prepared templates on the device (see `use_template_cache`; None = decide).
+    `cache`: keep decoded + prepared templates on the device (see `use_template_cache`; None = decide). `templates`:
+    the cache to keep them in, kept across calls (a LipSync's own, for this avatar on the runner's device); None: a
+    cache for this call only. With a shared cache the decision is made for all the avatar's templates, which it may
+    come to hold (a clip shorter than a ping-pong period reuses none of its own templates anyway).
     On the CPU, with `tune_threads`, helper thread counts are lowered until the iterator finishes or is closed
     (`helper_threads`); the public `LipSync.frames` leaves them alone, since its caller decides how long it lives.
     """
     with helper_threads(runner) if tune_threads else contextlib.nullcontext():
-        yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache, feather)
+        yield from _iter_frames(runner, avatar, feats, indices, start_frame, batch_size, timings, cache, feather,
+                                templates)
 
 
 def _iter_frames(runner: Runner, avatar: Avatar, feats: Features, indices: list[int] | None,
                  start_frame: int, batch_size: int | None, timings: dict | None,
-                 cache: bool | None, feather: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+                 cache: bool | None, feather: int = 0, shared: TemplateCrops | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
     n = feats.num_frames
     indices = list(range(n)) if indices is None else indices
     order = avatar.order(n, start_frame)
-    used = len({int(order[i]) for i in indices})
-    templates = TemplateCrops(avatar, runner.device, frames=True) if use_template_cache(
-        runner, avatar, used, cache) else None
+    if shared is not None and (shared.avatar is not avatar or shared.device != runner.device):
+        raise ValueError("iter_frames: templates= must be a cache of this avatar on the runner's device")
+    used = avatar.count if shared is not None else len({int(order[i]) for i in indices})
+    templates = None
+    if use_template_cache(runner, avatar, used, cache):
+        templates = shared if shared is not None else TemplateCrops(avatar, runner.device, frames=True)
     bs = batch_size or default_batch_size(runner)
     batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
     stats = timings if timings is not None else {}
@@ -368,12 +378,13 @@ def audio_span(indices: list[int], samples: np.ndarray, rate: int) -> np.ndarray
 
 def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out: str | os.PathLike | None = None,
              frames_dir: str | os.PathLike | None = None, frames: str | list[int] | None = None,
-             start_frame: int = 0, batch_size: int | None = None, crf: int = R.DEFAULT_CRF,
-             preset: str = R.DEFAULT_PRESET,
-             codec: str = "libx264", progress: bool = True, source: str = "audio", feather: int = 0) -> Summary:
+             start_frame: int = 0, batch_size: int | None = None, crf: int = DEFAULT_CRF,
+             preset: str = DEFAULT_PRESET,
+             codec: str = "libx264", progress: bool = True, source: str = "audio", feather: int = 0,
+             templates: TemplateCrops | None = None) -> Summary:
     """Render audio (samples at `rate`, (n,) or (n, channels)) to an MP4 and/or a folder of PNGs. Frames are
     encoded/written in a helper thread (`in_background`), at the helper priority on a CPU (`yield_to_model`).
-    `feather`: see `iter_frames`."""
+    `feather`, `templates`: see `iter_frames`."""
     from tqdm import tqdm
 
     from .audio import to_16k_mono
@@ -408,7 +419,8 @@ def generate(runner: Runner, avatar: Avatar, samples: np.ndarray, rate: int, out
 
     with (fdir or contextlib.nullcontext(), writer, in_background(sink, setup=lambda: yield_to_model(runner)) as submit,
           tqdm(total=len(indices), unit="frame", disable=not progress, desc="generate", leave=False) as bar):
-        for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings, feather=feather):
+        for i, frame in iter_frames(runner, avatar, feats, indices, start_frame, bs, timings, feather=feather,
+                                    templates=templates):
             submit((i, frame.cpu().numpy()))
             bar.update(1)
     return Summary(frames=len(indices), seconds=time.perf_counter() - t0, backend=runner.name,

@@ -64,16 +64,6 @@ GENERATOR_CHANNELS = (32, 64, 128, 256, 512)
 GENERATOR_IN_CHANNELS = 6
 BN_EPS = 1e-5
 
-# model calls
-ENCODER_BATCH = 256          # mel windows per audio-encoder call (batch freely, RECIPE §2; bounded for memory)
-
-# video defaults
-DEFAULT_CRF = 20             # the reference's ffmpeg -crf 20
-REFERENCE_PRESET = "medium"  # ffmpeg's default x264 preset, what the reference encodes with
-DEFAULT_PRESET = "veryfast"  # ours: ~3x less encode time than medium on a 2-core CPU at a similar size (docs/BENCHMARKS.md)
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
-
-
 # -- index arithmetic (RECIPE §1-4): everyone calls these; nobody re-derives them
 
 def mel_frames(samples: int) -> int:

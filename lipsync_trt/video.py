@@ -10,6 +10,11 @@ import numpy as np
 from . import recipe as R
 from .errors import OutputError
 
+DEFAULT_CRF = 20             # the reference's ffmpeg -crf 20
+REFERENCE_PRESET = "medium"  # ffmpeg's default x264 preset, what the reference encodes with
+DEFAULT_PRESET = "veryfast"  # ours: less encode time than medium at a similar size (measured: docs/BENCHMARKS.md)
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
 _BT601 = 6       # AVCOL_SPC_SMPTE170M
 _TV_RANGE = 1    # AVCOL_RANGE_MPEG (16-235)
 
@@ -58,14 +63,14 @@ class VideoWriter:
     so `write` may run in another thread than `__enter__` (x264's threads start in the writing one)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, audio: np.ndarray | None = None,
-                 audio_rate: int = R.SAMPLE_RATE, fps: int = int(R.FPS), crf: int = R.DEFAULT_CRF,
-                 codec: str = "libx264", threads: int = 0, preset: str = R.DEFAULT_PRESET):
+                 audio_rate: int = R.SAMPLE_RATE, fps: int = int(R.FPS), crf: int = DEFAULT_CRF,
+                 codec: str = "libx264", threads: int = 0, preset: str = DEFAULT_PRESET):
         self.path = check_writable(path)
         if width % 2 or height % 2:
             raise OutputError(f"{self.path}: H.264 yuv420p needs even frame sizes, the avatar is {width}x{height}")
         self.width, self.height, self.fps, self.crf, self.codec, self.threads = width, height, fps, crf, codec, threads
-        if preset not in R.X264_PRESETS:
-            raise OutputError(f"unknown x264 preset {preset!r}; expected one of {', '.join(R.X264_PRESETS)}")
+        if preset not in X264_PRESETS:
+            raise OutputError(f"unknown x264 preset {preset!r}; expected one of {', '.join(X264_PRESETS)}")
         self.preset = preset
         self.audio, self.audio_rate = audio, audio_rate
         self.frames = 0

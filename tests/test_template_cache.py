@@ -1,4 +1,4 @@
-"""The prepared-template cache (avatar.TemplateCrops: 328 crops, and decoded frames for the offline pipeline) gives
+"""The prepared-template cache (compose.TemplateCrops: 328 crops, and decoded frames for the offline pipeline) gives
 the same frames as decoding and preparing each video frame's template afresh, and decodes every template once."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from lipsync_trt import audio as A
 from lipsync_trt import avatar as AV
+from lipsync_trt.compose import TemplateCrops
 from lipsync_trt import pipeline
 
 
@@ -22,7 +23,7 @@ def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_ru
     plain = dict(pipeline.iter_frames(torch_runner, av, feats, indices, batch_size=4, cache=False))
     assert sorted(decoded) == sorted(ids)
     decoded.clear()
-    cache = AV.TemplateCrops(av, torch_runner.device, frames=True)
+    cache = TemplateCrops(av, torch_runner.device, frames=True)
     twice = []
     for _ in range(2):   # the same templates twice: the second pass must not decode again
         prepared = pipeline._prepare(torch_runner, av, ids, cache)
@@ -40,7 +41,7 @@ def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_ru
 
 def test_lru_keeps_size_templates(sanders):
     av = AV.load(sanders)
-    cache = AV.TemplateCrops(av, "cpu", size=2)
+    cache = TemplateCrops(av, "cpu", size=2)
     for t in (0, 1, 0, 2, 0, 1):           # 1 is evicted by 2 (0 was used since), so it is prepared again
         cache.get([t])
     assert cache.misses == 4
@@ -51,5 +52,5 @@ def test_cache_is_off_by_default_on_cpu(sanders, torch_runner):
     assert not pipeline.use_template_cache(torch_runner, av, av.count)
     assert pipeline.use_template_cache(torch_runner, av, av.count, cache=True)
     largest = max((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in (AV.face_box(m, 720, 1280) for m in av.landmarks))
-    assert AV.TemplateCrops.nbytes(av, 2) == 2 * (328 * 328 * 3 + largest * 3)        # crop + box region
-    assert AV.TemplateCrops.nbytes(av, 2, frames=True) == 2 * (720 * 1280 * 3 + 328 * 328 * 3 + largest * 3)
+    assert TemplateCrops.nbytes(av, 2) == 2 * (328 * 328 * 3 + largest * 3)        # crop + box region
+    assert TemplateCrops.nbytes(av, 2, frames=True) == 2 * (720 * 1280 * 3 + 328 * 328 * 3 + largest * 3)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..serve import client
-from ..serve.protocol import CHUNK_SAMPLES, STREAM_RATE, Status
+from ..serve.protocol import CHUNK_SAMPLES, CHUNK_SECONDS, STREAM_RATE, Status
 from ..serve.session import ready_chunk
 from .machine import loadavg, machine
 from .measure import log
@@ -43,7 +43,7 @@ from .report import write_json
 
 BENCHMARK = ("serve", "the streaming server (seed WebSocket protocol) under K concurrent real-time streams")
 SCHEMA = 1
-PACE = CHUNK_SAMPLES / STREAM_RATE   # seconds per chunk: real time (0.04 s, one video frame)
+PACE = CHUNK_SECONDS               # seconds per chunk: real time (0.04 s, one video frame)
 
 
 # ---------------------------------------------------------------------------------------------- server

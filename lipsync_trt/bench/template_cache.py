@@ -36,7 +36,7 @@ def mouths_work(avatar, frames: int, batch: int, size: int | None) -> float:
     generator output fixed."""
     order = avatar.order(frames)
     pred = torch.rand(batch, 3, 320, 320)
-    cache = AV.TemplateCrops(avatar, "cpu", size=size)
+    cache = compose.TemplateCrops(avatar, "cpu", size=size)
     t0 = time.perf_counter()
     for s in range(0, frames, batch):
         ids = [int(t) for t in order[s:s + batch]]

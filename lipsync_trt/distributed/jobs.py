@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import recipe as R
+from .. import video as V
 from ..errors import UsageError
 from ..inputs import MAX_JOBS_BYTES, read_file
 
@@ -33,8 +33,8 @@ class Job:
     frames_dir: str | None = None
     frames: str | None = None
     start_frame: int = 0
-    crf: int = R.DEFAULT_CRF
-    preset: str = R.DEFAULT_PRESET
+    crf: int = V.DEFAULT_CRF
+    preset: str = V.DEFAULT_PRESET
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -92,8 +92,8 @@ def parse_job(record: object, line: int, base: Path, source: str = "JOBS") -> Jo
                 raise _error(source, line, f"{key} must be an integer {bound}, got {value!r}")
             fields[key] = value
     if "preset" in record:
-        if record["preset"] not in R.X264_PRESETS:
-            raise _error(source, line, f"preset must be one of {', '.join(R.X264_PRESETS)}, got {record['preset']!r}")
+        if record["preset"] not in V.X264_PRESETS:
+            raise _error(source, line, f"preset must be one of {', '.join(V.X264_PRESETS)}, got {record['preset']!r}")
         fields["preset"] = record["preset"]
     return Job(line=line, **fields)
 

@@ -19,12 +19,15 @@ from enum import IntEnum
 
 import numpy as np
 
-from ..audio import MAX_ABS_SAMPLE
+from .. import recipe as R
+from ..audio import check_samples
+from ..errors import AudioError
 
 HEADER = struct.Struct("<4I")
 HEADER_BYTES = HEADER.size                   # 16
 STREAM_RATE = 24000                          # Hz, the client's audio
-CHUNK_SAMPLES = 960                          # 40 ms at 24 kHz = one video frame at 25 fps
+CHUNK_SAMPLES = R.exact_div(STREAM_RATE, int(R.FPS))   # 960: 40 ms at 24 kHz = one video frame at 25 fps
+CHUNK_SECONDS = CHUNK_SAMPLES / STREAM_RATE  # 0.04: a real-time client sends one chunk this often
 CHUNK_BYTES = CHUNK_SAMPLES * 4              # 3,840
 MAX_NAME_BYTES = 64                          # model (avatar) name
 MAX_MESSAGE_BYTES = 16 * 1024                # larger requests are answered MALFORMED (connection kept)
@@ -97,12 +100,10 @@ def decode_request(msg: bytes, max_message: int = MAX_MESSAGE_BYTES) -> Request:
         raise ProtocolError(Status.WRONG_SAMPLE_COUNT, f"{audio_len // 4} samples; expected {CHUNK_SAMPLES} "
                             f"(40 ms at 24 kHz) or 0 (end of stream)", frame_id)
     audio = np.frombuffer(msg, dtype="<f4", count=audio_len // 4, offset=HEADER_BYTES + name_len).astype(np.float32)
-    if audio.size and not np.isfinite(audio).all():
-        raise ProtocolError(Status.MALFORMED, "audio contains NaN or infinite samples", frame_id)
-    peak = float(np.abs(audio).max()) if audio.size else 0.0
-    if peak > MAX_ABS_SAMPLE:      # finite but absurd (3e38): refused like NaN, as audio.check_samples does
-        raise ProtocolError(Status.MALFORMED, f"audio contains samples beyond +-{MAX_ABS_SAMPLE:g} (peak {peak:.3g}); "
-                            "expected float32 samples in [-1, 1]", frame_id)
+    try:   # NaN/infinite, or finite but absurd (3e38): the library's one rule for samples
+        check_samples(audio, f"chunk {frame_id}")
+    except AudioError as exc:
+        raise ProtocolError(Status.MALFORMED, str(exc), frame_id) from None
     return Request(model=model, frame_id=frame_id, audio=audio)
 
 

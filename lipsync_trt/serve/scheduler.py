@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..avatar import Avatar, TemplateCrops
+from ..avatar import Avatar
 from ..backends.base import Runner
 from ..batcher import POLICIES, Batcher
+from ..compose import TemplateCrops
 from .protocol import Status, encode_response, error_response, frame_zip
 from .session import FRAME, Stream
 
