@@ -109,6 +109,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = args.out
         if out is None and args.frames_dir is None:
             out = Path(args.audio).stem + ".mp4"
+        from .inputs import avatar_inputs, check_outputs
+
+        check_outputs([("--out", out), ("--frames-dir", args.frames_dir)],   # before anything loads
+                      [("--audio", args.audio), ("--generator", args.generator),
+                       ("--audio-encoder", args.audio_encoder), *(("--avatar", p) for p in avatar_inputs(args.avatar))])
         options = {"engines": args.engines} if args.engines else {}
         if args.compile:
             if args.backend != "torch":
@@ -132,8 +137,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     from . import audio as A
     from . import backends, pipeline
     from .models import load_audio_encoder
+    from .inputs import check_outputs
     from .video import check_writable, io_reason
 
+    check_outputs([("--out", args.out)], [("--audio", args.audio), ("--audio-encoder", args.audio_encoder)])
     out = check_writable(args.out)
     wav = A.load_16k(args.audio)
     device = backends.resolve_device(args.device)

@@ -110,8 +110,14 @@ class LipSync:
                  preset: str = video.DEFAULT_PRESET,
                  progress: bool = False, blend: str | None = None) -> pipeline.Summary:
         """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary.
-        `blend` overrides the one given to `load` for this call."""
+        `blend` overrides the one given to `load` for this call. An output that is, lies inside or contains the
+        audio file or the avatar's folders is an OutputError before any work (as a path holding a NUL byte)."""
+        from .inputs import avatar_inputs, check_outputs
+
         feather = self._feather(blend)
+        check_outputs([("out", out), ("frames_dir", frames_dir)],
+                      [("audio", audio if isinstance(audio, (str, os.PathLike)) else None),
+                       *(("avatar", p) for p in avatar_inputs(self.avatar.root))])
         if isinstance(audio, (str, os.PathLike)):
             samples, rate, source = *A.load(audio), str(audio)
         else:

@@ -283,8 +283,11 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.json:
+        from .inputs import avatar_inputs, check_outputs
         from .video import check_writable
 
+        check_outputs([("--json", args.json)], [("A", args.a), ("B", args.b), *(
+            ("--avatar", p) for p in (avatar_inputs(args.avatar) if args.avatar else ()))])
         check_writable(args.json)
     result = compare(args.a, args.b, avatar=args.avatar, start_frame=args.start_frame)
     if args.per_frame:

@@ -1,13 +1,14 @@
-"""The files a run reads, checked before any work: every input must be a regular file (after following links) of a
-sane size, checked without opening it (a FIFO would block the open, /dev/zero never ends). Errors name the path."""
+"""The files a run reads and writes, checked before any work: every input must be a regular file (after following
+links) of a sane size, checked without opening it (a FIFO would block the open, /dev/zero never ends), and no output
+may be, lie inside or contain an input of the same run (it would be overwritten). Errors name the path."""
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
-from .errors import LipsyncError
+from .errors import LipsyncError, OutputError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
@@ -93,3 +94,57 @@ def read_file(path: str | os.PathLike, what: str, error: type[LipsyncError], max
         raise error(f"{_printable(path)}: {what} grew past {max_bytes} bytes while it was read")
     return data
 
+
+# ------------------------------------------------------------------------------------------------ outputs vs inputs
+
+def resolve(path: str | os.PathLike, label: str, error: type[LipsyncError] = OutputError) -> Path:
+    """The absolute path with links and '..' resolved (as far as it exists); a NUL byte is `error`, one line."""
+    try:
+        return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+    except (ValueError, TypeError):
+        raise error(f"{label} {_printable(path)}: the path holds a NUL byte") from None
+
+
+def clash(output: Path, input_: Path) -> str | None:
+    """How a resolved output meets a resolved input: 'is', 'lies inside', 'contains', or None when apart."""
+    if output == input_ or _same_file(output, input_):
+        return "is"
+    if output.is_relative_to(input_):
+        return "lies inside"
+    if input_.is_relative_to(output):
+        return "contains"
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)   # a bind mount or hard link of the same file
+    except OSError:
+        return False
+
+
+def avatar_inputs(root: str | os.PathLike) -> list[Path]:
+    """What a run reads of an avatar folder: its frames and landmarks folders."""
+    from .avatar import FRAMES_DIR, LANDMARKS_DIR
+
+    return [Path(root) / FRAMES_DIR, Path(root) / LANDMARKS_DIR]
+
+
+def check_outputs(outputs: Iterable[tuple[str, str | os.PathLike | None]],
+                  inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+    """OutputError, before any work, when an output is an input of the same run, lies inside one or contains one, or
+    when one output lies inside another (compared with links and '..' resolved). (label, path) pairs; None skipped."""
+    outs = [(label, p, resolve(p, label)) for label, p in outputs if p is not None]
+    ins = [(label, p, resolve(p, label)) for label, p in inputs if p is not None]
+    for label, given, out in outs:
+        for in_label, in_given, inp in ins:
+            how = clash(out, inp)
+            if how:
+                raise OutputError(f"{label} {_printable(given)}: {how} the input {in_label} {_printable(in_given)}; "
+                                  f"refusing to write over an input, choose another output path")
+    for i, (label, given, out) in enumerate(outs):
+        for other_label, other_given, other in outs[i + 1:]:
+            how = clash(out, other)
+            if how:
+                raise OutputError(f"{label} {_printable(given)}: {how} the output {other_label} "
+                                  f"{_printable(other_given)}; give outputs that do not overlap")

@@ -77,28 +77,42 @@ def encode_features(runner: Runner, wav16k: np.ndarray, batch: int = ENCODER_BAT
     return Features(samples=wav16k, mel=mel, features=feats, padded=A.pad_features(feats))
 
 
-_FRAME_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# an index or an inclusive range of ASCII digits, at most 12 each (int() of thousands of digits raises)
+_FRAME_SPEC = re.compile(r"^\s*([0-9]{1,12})\s*(?:-\s*([0-9]{1,12})\s*)?$")
 
 
-def parse_frames(spec: str, num_frames: int) -> list[int]:
-    """'0,1,2,100-139' -> sorted unique indices; each must be inside 0..num_frames-1."""
-    out: set[int] = set()
+def frame_ranges(spec: str, what: str = "--frames") -> list[tuple[int, int]]:
+    """'0,1,2,100-139' -> its inclusive (lo, hi) ranges, checked without knowing the clip's length (syntax, order,
+    not empty): UsageError naming `what` otherwise. batch checks every job's selection with it before any runs."""
+    if not isinstance(spec, str):
+        raise UsageError(f"{what}: expected a string like '0-99,120', got {type(spec).__name__}")
+    ranges = []
     for part in spec.split(","):
         if not part.strip():
             continue
         m = _FRAME_SPEC.match(part)
         if not m:
-            raise UsageError(f"--frames: {part.strip()!r} is not an index or an inclusive range like 100-139")
+            raise UsageError(f"{what}: {part.strip()!r} is not an index or an inclusive range like 100-139")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise UsageError(f"--frames: range {part.strip()!r} runs backwards")
+            raise UsageError(f"{what}: range {part.strip()!r} runs backwards")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise UsageError(f"{what}: no frame indices given")
+    return ranges
+
+
+def parse_frames(spec: str, num_frames: int) -> list[int]:
+    """'0,1,2,100-139' -> sorted unique indices; each must be inside 0..num_frames-1."""
+    ranges = frame_ranges(spec)
+    for _, hi in ranges:
         if hi >= num_frames:
             raise UsageError(f"--frames: index {hi} is outside 0..{num_frames - 1} (this audio makes "
                              f"{num_frames} video frames)")
+    out: set[int] = set()
+    for lo, hi in ranges:
         out.update(range(lo, hi + 1))
-    if not out:
-        raise UsageError("--frames: no frame indices given")
     return sorted(out)
 
 
