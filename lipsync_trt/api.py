@@ -17,6 +17,8 @@ from . import pipeline
 from . import recipe as R
 from . import video
 from .batcher import Batcher
+from .errors import UsageError
+from .live import Live
 from .stream import Stream
 
 
@@ -72,6 +74,16 @@ class LipSync:
         return Stream(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, mouths=mouths,
                       as_tensor=as_tensor, start_frame=start, feather=feather)
 
+    def live(self, rate: int = R.SAMPLE_RATE, idle: str = "template", as_tensor: bool = False,
+             start_frame: int | None = None, blend: str | None = None, batcher: Batcher | None = None) -> Live:
+        """A clocked live stream (`lipsync_trt.live`): `push(chunk)` any time, `next()` once per video frame returns
+        the next frame of the 25 fps timeline with its own audio (`LiveFrame`), `interrupt()` drops the audio not
+        yet played. Frames with no pushed audio in reach are the template itself (idle="template", no generator
+        call) or generated too (idle="generate"). `rate` must be divisible by 25; a context manager."""
+        start = self.start_frame if start_frame is None else start_frame
+        return Live(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, idle=idle,
+                    as_tensor=as_tensor, start_frame=start, feather=self._feather(blend))
+
     @property
     def templates(self) -> compose.TemplateCrops:
         """The prepared-template cache of this avatar on the backend's device (shared by its streams, and by
@@ -122,7 +134,7 @@ class LipSync:
             samples, rate, source = *A.load(audio), str(audio)
         else:
             if rate is None:
-                raise ValueError("rate is required when audio is an array")
+                raise UsageError("rate= is required when audio is an array of samples (its sample rate in Hz)")
             samples, source = np.asarray(audio, dtype=np.float32), "audio array"
         return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
                                  frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
@@ -134,7 +146,7 @@ def _to_16k(audio: str | os.PathLike | np.ndarray, rate: int | None) -> np.ndarr
     if isinstance(audio, (str, os.PathLike)):
         return A.load_16k(audio)
     if rate is None:
-        raise ValueError("rate is required when audio is an array")
+        raise UsageError("rate= is required when audio is an array of samples (its sample rate in Hz)")
     return A.to_16k_mono(audio, rate, source="audio array")
 
 

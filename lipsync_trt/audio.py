@@ -263,3 +263,16 @@ class IncrementalMel:
             self.y = self.y[keep - self.y_base:]
             self.y_base = keep
         return out
+
+
+def mel_span(x: torch.Tensor, first: int, m0: int, m1: int) -> torch.Tensor:
+    """Mel frames [m0, m1) (80, m1 - m0) of a 16 kHz signal of which `x` holds the samples from index `first` on:
+    at least HOP*m0 - WIN/2 - 1 (the pre-emphasis reads one sample back) to HOP*(m1 - 1) + WIN/2; samples before
+    0 are zeros. The same ops as `mel` and `IncrementalMel`, so the frames equal the whole-file ones."""
+    half = R.WIN_LENGTH // 2
+    lo, hi = R.HOP_LENGTH * m0 - half - 1, R.HOP_LENGTH * (m1 - 1) + half   # x samples [lo, hi) give y [lo+1, hi)
+    seg = x[max(lo - first, 0):hi - first]
+    if seg.numel() != hi - max(lo, first) or first > max(lo, 0):
+        raise ValueError(f"mel_span: samples [{lo}, {hi}) are not all in x (from {first}, {x.numel()} samples)")
+    xx = torch.nn.functional.pad(seg, (max(-lo, 0), 0))
+    return _mel_levels(xx[1:] - R.PREEMPHASIS * xx[:-1], center=False)

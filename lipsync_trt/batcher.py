@@ -222,6 +222,12 @@ class Batcher:
         for (client, first, w, n, t_arrived), f in zip(live, feats):
             if f is None:
                 continue
+            if hasattr(client, "on_features"):   # a client that decides its ready frames itself (live.Live)
+                try:
+                    client.on_features(first, f)
+                except Exception as exc:
+                    self._fail(client, f"stream state: {exc}")
+                continue
             try:
                 jobs = client.frames.add(first, f, n)
             except Exception as exc:

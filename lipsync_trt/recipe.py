@@ -138,6 +138,25 @@ def samples_needed(frame: int) -> int:
     return HOP_LENGTH * (window_start(last_window(frame)) + MEL_WINDOW - 1) + WIN_LENGTH // 2
 
 
+def receptive_field(frame: int) -> tuple[int, int]:
+    """16 kHz samples [lo, hi) that video frame i's feature window reads mid-stream: the STFT windows of the mel
+    frames of its encoder windows first_window(i)..last_window(i), with the sample before each for the
+    pre-emphasis (RECIPE §1-3). A frame whose field holds no audio depends on none."""
+    lo = HOP_LENGTH * window_start(first_window(frame)) - WIN_LENGTH // 2 - 1
+    return max(lo, 0), samples_needed(frame)
+
+
+NEED_AHEAD = max(samples_needed(k) - SAMPLES_PER_FRAME * k for k in range(WINDOW_CYCLE))   # 7240: the most any
+                                                 # frame i needs past its own first sample 640 i (repeats every cycle)
+
+
+def live_lookahead(hold_back: int = 0) -> int:
+    """L, the live timeline's lookahead in video frames: frame k can be made once audio slots 0..k+L (640 16 kHz
+    samples each) are in, less the resampler's `hold_back` 16 kHz samples: (L + 1) 640 >= NEED_AHEAD + hold_back.
+    11 at 16 kHz (no resampler)."""
+    return -(-(NEED_AHEAD + hold_back) // SAMPLES_PER_FRAME) - 1
+
+
 def template_period(count: int, start: int = 0) -> int:
     """Video frames after which the ping-pong template order over images start..count-1 repeats: 2 (m - 1)."""
     return 2 * (count - start - 1)

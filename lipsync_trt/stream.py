@@ -186,6 +186,12 @@ def _release_counts() -> None:
         counts.close()
 
 
+def output_counts(rate: int, chunk: int, pieces: int) -> np.ndarray:
+    """Cumulative 16 kHz output counts of a stream resampler after each of the first `pieces` `chunk`-sample pieces
+    at `rate` (they do not depend on the content)."""
+    return _output_counts(rate, chunk).until(0, pieces)[:pieces]
+
+
 def ready_chunk(frame: int, rate: int, chunk: int) -> int:
     """For audio pushed in `chunk`-sample pieces at `rate` (numbered from 0): the piece whose arrival makes video
     frame i ready before the end of the stream, the resampler's hold-back included (RECIPE §3)."""

@@ -1,0 +1,417 @@
+"""`LipSync.live()`: a clocked live stream. Audio is pushed whenever it comes (a TTS burst, a microphone, nothing);
+each `next()` returns the next frame of the 25 fps timeline with its own 40 ms of audio, so a player shows lips
+and voice together and the avatar never goes dark.
+
+The timeline is a row of slots of rate/25 samples. `next()` returning frame k commits slot k + L (L =
+`recipe.live_lookahead`, the recipe's need plus the resampler's hold-back): pushed audio fills the slots after
+the committed ones, a slot no audio reached is silence. A frame whose receptive field (`recipe.receptive_field`)
+holds pushed audio is a speech frame, generated as `LipSync.frames()` makes it from the whole timeline; any
+other frame is idle: the template frame itself, with no generator call (idle="template"). Full slots of pushed
+audio are planned ahead of the clock, so their frames are made ahead (up to `AHEAD` frames) while earlier ones
+play; `interrupt()` turns every slot not yet returned into silence and makes again what was made from it.
+
+The 16 kHz audio is kept as a buffer (resampled slot by slot), and each encoder window's mel is cut from it on
+demand (`audio.mel_span`): nothing incremental has to be rewound at an interruption except the resampler,
+which restarts a few slots back. Model calls go through a `batcher.Batcher` (shared with the LipSync's other
+streams); this object is its client and decides which frames are ready.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import audio as A
+from . import batcher as B
+from . import recipe as R
+from . import stream as core
+from .errors import AudioError, StreamError, UsageError
+
+IDLE_MODES = ("template", "generate")
+AHEAD = 25                  # frames past the one returned last that may be made ahead from planned audio (1 s)
+HOLD_BACK_PROBE = 400       # slots over which a rate's resampler hold-back is measured (many of its periods)
+
+
+@dataclass
+class LiveFrame:
+    """One frame of the live timeline: `image` BGR uint8 (H, W, 3) (a tensor with as_tensor=True), `audio` its
+    rate/25 samples (float32) to play with it, `speech` whether it was generated from pushed audio, `late` whether
+    `next(timeout)` gave up waiting for it (the image is then the template frame)."""
+
+    index: int
+    image: np.ndarray | torch.Tensor
+    audio: np.ndarray
+    speech: bool
+    late: bool = False
+
+
+@functools.lru_cache(maxsize=32)
+def hold_back(rate: int) -> int:
+    """The most 16 kHz samples the stream resampler holds back after a whole slot (rate/25 samples) of input: 0 at
+    16 kHz. It also bounds how far (in 16 kHz samples) one input sample reaches either way through its filter."""
+    if rate == R.SAMPLE_RATE:
+        return 0
+    slot = exact_slot(rate)
+    counts = core.output_counts(rate, slot, HOLD_BACK_PROBE)
+    return int((R.SAMPLES_PER_FRAME * np.arange(1, HOLD_BACK_PROBE + 1) - counts).max())
+
+
+def lookahead(rate: int) -> int:
+    """L at this input rate: frame k is made once slots 0..k+L are committed (12 at 24 kHz, 11 at 16 kHz)."""
+    return R.live_lookahead(hold_back(rate))
+
+
+def exact_slot(rate) -> int:
+    """Samples per video frame at `rate`; AudioError unless the rate is a valid one divisible by 25."""
+    rate = A.check_rate(rate, "live stream") if hasattr(A, "check_rate") else rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"live stream: invalid sample rate {rate!r}: expected a positive integer (Hz)")
+    if rate % int(R.FPS):
+        raise AudioError(f"live stream: sample rate {rate} Hz is not divisible by {int(R.FPS)}: a frame's audio must "
+                         f"be whole samples (16000, 24000, 44100, 48000 are)")
+    return int(rate) // int(R.FPS)
+
+
+class Live:
+    """A clocked live stream of one `LipSync` (see `LipSync.live`). `push` from any thread, `next` from one,
+    `interrupt` from any; a context manager."""
+
+    def __init__(self, runner, avatar, templates, batcher, rate: int = R.SAMPLE_RATE, idle: str = "template",
+                 as_tensor: bool = False, start_frame: int = 0, feather: int = 0):
+        if idle not in IDLE_MODES:
+            raise UsageError(f"idle={idle!r}: expected one of {', '.join(IDLE_MODES)}")
+        self.samples_per_frame = exact_slot(rate)
+        self.rate = int(rate)
+        avatar.order(2, start_frame)                 # validates the start frame
+        self.runner, self.avatar, self.templates, self.batcher = runner, avatar, templates, batcher
+        self.idle, self.as_tensor, self.start_frame, self.feather = idle, bool(as_tensor), start_frame, feather
+        self.mouths = False                          # the batcher composes full frames for this client
+        self.cancelled = False                       # the batcher drops this client's work
+        self.hold = hold_back(self.rate)
+        self.lookahead = R.live_lookahead(self.hold)
+        self.reach = -(-self.hold // R.SAMPLES_PER_FRAME)   # slots one input sample reaches through the filter
+        self.stats: Counter = Counter()              # frames: speech, idle, late, generated (generator results)
+        self._cond = threading.Condition(threading.RLock())
+        self._next_lock = threading.Lock()
+        self._closed = False
+        self._failed: str | None = None
+        # the timeline, in slots: [0, returned) returned, [returned, committed) committed, [committed, planned)
+        # planned from full slots of pushed audio; `pending` holds pushed samples short of a slot
+        self._slots: dict[int, np.ndarray] = {}
+        self._pushed: dict[int, bool] = {}
+        self._returned = self._committed = self._planned = 0
+        self._pending = np.zeros(0, np.float32)
+        # the 16 kHz audio of slots [0, fed), from x16_base; a restarted resampler's first `discard` samples dropped
+        self._resampler = A.StreamResampler(self.rate)
+        self._fed = 0
+        self._x16 = torch.zeros(0)
+        self._x16_base = 0
+        self._discard = 0
+        # model work: window -> feature; frames decided [returned, decided); speech frames waiting for windows;
+        # request id -> (epoch, "enc" windows | "gen" frame); results by frame
+        self._feats: dict[int, torch.Tensor] = {}
+        self._asked: set[int] = set()
+        self._decided = 0
+        self._speech: dict[int, bool] = {}
+        self._waiting: set[int] = set()
+        self._images: dict[int, object] = {}
+        self._epoch = 0
+        self._requests: dict[int, tuple] = {}
+        self._ids = itertools.count()
+
+    # -- public
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return self.avatar.height, self.avatar.width
+
+    def push(self, chunk: np.ndarray) -> None:
+        """Append samples (1-D float32/float64 in [-1, 1] or int16 PCM, any length) to the timeline; returns at
+        once (the model runs in the batcher). AudioError for bad samples (the stream stays usable)."""
+        x = A.stream_samples(chunk, "live chunk")
+        with self._cond:
+            self._check_open("push")
+            pending = np.concatenate([self._pending, x]) if len(self._pending) else x
+            s = self.samples_per_frame
+            full = len(pending) // s
+            for j in range(full):
+                self._plan(np.array(pending[j * s:(j + 1) * s], np.float32), True)
+            self._pending = np.array(pending[full * s:], np.float32)
+            if full:
+                self._schedule()
+
+    def next(self, timeout: float | None = None) -> LiveFrame:
+        """The next frame of the timeline (index 0, 1, 2, ...); it commits slot index + L. Blocks until the frame
+        is made; with `timeout` (seconds) a speech frame not made by then comes back late-marked, as the template."""
+        if timeout is not None and not (timeout >= 0 and np.isfinite(timeout)):
+            raise UsageError(f"timeout={timeout!r}: expected a finite number of seconds >= 0, or None")
+        with self._next_lock, self._cond:
+            self._check_open("next")
+            k = self._returned
+            self._commit(k + self.lookahead + 1)
+            self._schedule()
+            if k >= self._decided:
+                raise RuntimeError(f"live: frame {k} undecided after committing slot {k + self.lookahead}")
+            speech = self._speech[k]
+            late = False
+            if speech or self.idle == "generate":
+                image = self._wait_image(k, timeout)
+                late = image is None
+            else:
+                image = None
+            if image is None:
+                image = self._template(k)
+            else:
+                image = image if self.as_tensor else image.cpu().numpy()
+            audio = self._slots[k].copy()
+            self._returned = k + 1
+            self._images.pop(k, None)
+            self._speech.pop(k, None)
+            self.stats["speech" if speech else "idle"] += 1
+            self.stats["late"] += late
+            self._trim()
+            return LiveFrame(k, image, audio, speech, late)
+
+    def interrupt(self) -> None:
+        """Barge-in: drop every pushed sample that no returned frame has carried; from the next frame on the audio
+        is silence until new audio is pushed, and frames made ahead from the dropped audio are made again."""
+        with self._cond:
+            self._check_open("interrupt")
+            j = self._returned
+            self._pending = np.zeros(0, np.float32)
+            silence = np.zeros(self.samples_per_frame, np.float32)
+            for s in range(j, self._committed):
+                self._slots[s], self._pushed[s] = silence.copy(), False
+            for s in range(self._committed, self._planned):
+                del self._slots[s], self._pushed[s]
+            self._planned = self._committed
+            self._epoch += 1                         # results of requests made before are ignored
+            self._requests.clear()
+            self._asked.clear()
+            self._images.clear()
+            self._waiting.clear()
+            self._speech = {i: v for i, v in self._speech.items() if i < j}
+            self._decided = j
+            cut = self._rewind(j)
+            for w in [w for w in self._feats if self._window_end(w) > cut]:
+                del self._feats[w]
+            self.stats["interrupts"] += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End the stream: its queued model work is dropped; push/next afterwards raise StreamError."""
+        with self._cond:
+            self._closed = True
+            self.cancelled = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Live":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self):
+        raise TypeError("a live stream is not iterable: call next() once per video frame (25 per second)")
+
+    # -- what the batcher calls (its worker thread)
+    def on_features(self, request: int, feats: torch.Tensor) -> None:
+        with self._cond:
+            req = self._requests.pop(request, None)
+            if req is None or req[0] != self._epoch or self._closed:
+                return
+            for w, f in zip(req[2], feats):
+                self._feats[w] = f
+                self._asked.discard(w)
+            self._render_ready()
+
+    def on_result(self, request: int, kind: str, payload) -> None:
+        with self._cond:
+            if kind == B.FAILED:
+                self._failed = str(payload)
+                self._cond.notify_all()
+                return
+            req = self._requests.pop(request, None)
+            if kind == B.FRAME:
+                self.stats["generated"] += 1
+            if req is None or req[0] != self._epoch or req[2] < self._returned:
+                return                               # made from dropped audio, or returned late already
+            frame = req[2]
+            if kind == B.FRAME:
+                self._images[frame] = payload[1]
+            elif kind in (B.REJECTED, B.SKIPPED):    # the batcher's deadline or queue bound: a late frame
+                self._images[frame] = None
+            elif kind == B.ERROR:
+                self._images[frame] = StreamError(f"frame {frame}: {payload}")
+            self._cond.notify_all()
+
+    # -- internals (under self._cond)
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise StreamError(f"{what} after close: this live stream has ended; open a new one with LipSync.live()")
+        if self._failed is not None:
+            raise StreamError(f"live stream failed: {self._failed}")
+
+    def _plan(self, samples: np.ndarray, pushed: bool) -> None:
+        self._slots[self._planned], self._pushed[self._planned] = samples, pushed
+        self._planned += 1
+
+    def _commit(self, n: int) -> None:
+        """Fix slots up to n: planned ones as they are, then what is pending (padded with silence), then silence."""
+        s = self.samples_per_frame
+        while self._committed < n:
+            if self._planned == self._committed:
+                take = self._pending[:s]
+                self._pending = self._pending[len(take):]
+                self._plan(np.concatenate([take, np.zeros(s - len(take), np.float32)]), len(take) > 0)
+            self._committed += 1
+
+    def _slot_span(self, frame: int) -> range:
+        """Slots whose samples can reach frame i's receptive field (through the resampler's filter)."""
+        lo, hi = R.receptive_field(frame)
+        spf = R.SAMPLES_PER_FRAME
+        return range(max(lo // spf - self.reach, 0), (hi - 1) // spf + self.reach + 1)
+
+    def _feed(self, n: int) -> None:
+        """Resample planned slots [fed, n) into the 16 kHz buffer."""
+        new = []
+        while self._fed < min(n, self._planned):
+            y = self._resampler.push(self._slots[self._fed])
+            self._fed += 1
+            if self._discard:
+                cut = min(self._discard, len(y))
+                y, self._discard = y[cut:], self._discard - cut
+            if len(y):
+                new.append(torch.from_numpy(np.array(y, np.float32)))
+        if new:
+            self._x16 = torch.cat([self._x16, *new])
+
+    @property
+    def _x16_end(self) -> int:
+        return self._x16_base + self._x16.numel()
+
+    def _schedule(self) -> None:
+        """Decide every frame whose audio is planned (speech or idle), up to AHEAD frames past the last returned,
+        and send the speech frames' missing encoder windows to the batcher."""
+        limit = self._returned + AHEAD
+        self._feed(limit + self.lookahead + 1)
+        new_windows: list[int] = []
+        while self._decided < limit:
+            j = self._decided
+            span = self._slot_span(j)
+            if span.stop > self._planned or R.samples_needed(j) > self._x16_end:
+                break
+            speech = any(self._pushed[s] for s in span)
+            self._speech[j] = speech
+            self._decided += 1
+            if speech or self.idle == "generate":
+                self._waiting.add(j)
+                for w in self._windows_of(j):
+                    if w not in self._feats and w not in self._asked:
+                        self._asked.add(w)
+                        new_windows.append(w)
+        if new_windows:
+            self._encode(sorted(new_windows))
+        self._render_ready()
+
+    @staticmethod
+    def _windows_of(frame: int) -> list[int]:
+        return sorted({w for w in (R.window_of_row(r) for r in R.feature_rows(frame)) if w is not None})
+
+    @staticmethod
+    def _window_end(w: int) -> int:
+        """One past the last 16 kHz sample encoder window w reads."""
+        return R.HOP_LENGTH * (R.window_start(w) + R.MEL_WINDOW - 1) + R.WIN_LENGTH // 2
+
+    def _encode(self, windows: list[int]) -> None:
+        m0 = R.window_start(windows[0])
+        m1 = R.window_start(windows[-1]) + R.MEL_WINDOW
+        mel = A.mel_span(self._x16, self._x16_base, m0, m1)
+        idx = torch.tensor([R.window_start(w) - m0 for w in windows])[:, None] + torch.arange(R.MEL_WINDOW)[None, :]
+        x = mel[:, idx].permute(1, 0, 2).unsqueeze(1).contiguous()
+        req = next(self._ids)
+        self._requests[req] = (self._epoch, "enc", windows)
+        self.batcher.encode(self, req, x)
+
+    def _render_ready(self) -> None:
+        jobs = []
+        for j in sorted(self._waiting):
+            ws = self._windows_of(j)
+            if not all(w in self._feats for w in ws):
+                continue
+            self._waiting.discard(j)
+            rows = [R.window_of_row(r) for r in R.feature_rows(j)]
+            ref = self._feats[ws[0]]
+            win = torch.stack([torch.zeros_like(ref) if w is None else self._feats[w] for w in rows])
+            req = next(self._ids)
+            self._requests[req] = (self._epoch, "gen", j)
+            jobs.append((req, R.template_of(j, self.avatar.count, self.start_frame), win.reshape(R.FEATURE_SHAPE)))
+        if jobs:
+            self.batcher.render(self, jobs)
+
+    def _wait_image(self, k: int, timeout: float | None):
+        """Frame k's generated image (a device tensor), or None when it did not come within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while k not in self._images:
+            if self._closed:
+                raise StreamError("live stream closed while waiting for a frame")
+            if self._failed is not None:
+                raise StreamError(f"live stream failed: {self._failed}")
+            if not self.batcher.alive:
+                raise StreamError("the batcher stopped before this stream's frame was made")
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            self._cond.wait(wait)
+        image = self._images.pop(k)
+        if isinstance(image, Exception):
+            raise image
+        return image
+
+    def _template(self, k: int):
+        t = R.template_of(k, self.avatar.count, self.start_frame)
+        return self.templates.frame(t).clone() if self.as_tensor else self.avatar.frame(t).copy()
+
+    def _rewind(self, j: int) -> int:
+        """After slots from j changed: drop the 16 kHz samples they may reach and restart the resampler so that it
+        makes them again from the new slots. Returns the first 16 kHz sample that changed."""
+        spf = R.SAMPLES_PER_FRAME
+        if self.hold == 0:                           # 16 kHz: the buffer is the slots themselves
+            keep_slot, start = j, j
+        else:                                        # a few slots back: the filter's reach, then its warm-up
+            keep_slot = max(j - self.reach, 0)
+            start = max(keep_slot - self.reach - 1, 0)
+        cut = min(spf * keep_slot, self._x16_end)    # (the resampler may not have given all of them yet)
+        if cut < self._x16_base or cut < spf * start:
+            raise RuntimeError(f"live: cannot rewind to slot {j} (16 kHz buffer from {self._x16_base}, cut {cut})")
+        self._x16 = self._x16[:cut - self._x16_base]
+        if self.hold:                                # a fresh resampler from slot `start`; its output before `cut`
+            self._resampler = A.StreamResampler(self.rate)   # (the warm-up) is dropped, the rest continues the buffer
+            self._discard = cut - spf * start
+        self._fed = start
+        return cut
+
+    def _trim(self) -> None:
+        """Forget what no later frame, rewind or resampler restart can read."""
+        spf = R.SAMPLES_PER_FRAME
+        keep_slot = min(self._returned - 3 * self.reach - 2, self._slot_span(self._returned).start)
+        for s in [s for s in self._slots if s < keep_slot]:
+            del self._slots[s], self._pushed[s]
+        first = R.first_window(self._returned)
+        for w in [w for w in self._feats if w < first]:
+            del self._feats[w]
+        base = min(R.HOP_LENGTH * R.window_start(first) - R.WIN_LENGTH // 2 - 1,
+                   spf * (self._returned - self.reach)) - spf
+        if base > self._x16_base:
+            self._x16 = self._x16[base - self._x16_base:].clone()
+            self._x16_base = base
