@@ -109,11 +109,6 @@ def read_jpeg(path: Path, checked: int | None = None) -> tuple[bytes, tuple[int,
     return data, check_jpeg(data, path)
 
 
-def jpeg_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a JPEG file whose whole structure is sound (`check_jpeg`)."""
-    return read_jpeg(path)[1]
-
-
 def read_landmarks(path: Path) -> np.ndarray:
     """(110, 2) int32 landmarks from an .lms file ("x y" per line, LF or CRLF), truncated toward zero."""
     data = read_file(path, "landmarks file", AvatarError, MAX_LANDMARKS_BYTES)

@@ -62,8 +62,8 @@ def use_template_cache(runner: Runner, avatar: Avatar, templates: int, cache: bo
 
 
 def default_batch_size(runner: Runner | torch.device) -> int:
-    """32 on a GPU (fills it); 1 on a CPU, where larger batches only spill the caches: measured on a 2-core
-    x86-64, batch 1 beats batch 4 for both ONNX Runtime and eager torch (docs/BENCHMARKS.md)."""
+    """32 on a GPU (fills it); 1 on a CPU, where larger batches only spill the caches (the measurements are in
+    docs/BENCHMARKS.md)."""
     device = runner.device if isinstance(runner, Runner) else torch.device(runner)
     return 32 if device.type == "cuda" else 1
 
@@ -171,15 +171,6 @@ class Worker(threading.Thread):
             self._put(exc)
 
 
-def render_batch(runner: Runner, avatar: Avatar, audio_windows: torch.Tensor, template_ids: Iterable[int],
-                 cache: TemplateCrops | None = None, feather: int = 0) -> list[torch.Tensor]:
-    """Synchronous single batch: template frames + feature windows -> composited frames (H, W, 3) uint8 BGR
-    on the runner's device. Tests use this; `iter_frames` overlaps the same steps."""
-    prepared = _prepare(runner, avatar, list(template_ids), cache)
-    pred = runner.generate(prepared[1], audio_windows)
-    return _paste(prepared, pred, feather)
-
-
 def _prepare(runner: Runner, avatar: Avatar, template_ids: list[int], cache: TemplateCrops | None = None):
     if cache is not None:   # inputs derived from the cached crops; a fresh copy of each (kept) frame to paste into
         crops, boxes = cache.get(template_ids)
@@ -234,7 +225,7 @@ def yield_to_model(runner: Runner) -> None:
     """Lower the calling thread's CPU priority by HELPER_NICE when the model runs on the CPU (Linux only: there
     a thread has its own nice value, inherited by the threads it starts, such as x264's). The model's threads
     then preempt decode/prepare and the H.264 encode instead of stalling at a barrier while one of their two
-    cores is taken (2-core CPU, `generate` to MP4: see docs/BENCHMARKS.md). Call it only in threads the
+    cores is taken (`generate` to MP4 on a CPU: see docs/BENCHMARKS.md). Call it only in threads the
     pipeline starts: an unprivileged thread cannot raise its priority back."""
     if runner.device.type != "cpu" or not sys.platform.startswith("linux"):
         return

@@ -52,11 +52,6 @@ class AudioWindows:
         self.next_window = n
         return first, torch.cat([mid, self._cut(starts, t)]), n
 
-    @property
-    def samples_in(self) -> int:
-        """16 kHz samples received so far."""
-        return self.mel_inc.total
-
     def _record(self, y: np.ndarray) -> np.ndarray:
         if self.samples16 is not None:
             self.samples16.append(np.array(y, np.float32))

@@ -20,3 +20,16 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     """(fraction of identical bytes, largest absolute difference) of two uint8 images."""
     d = np.abs(a.astype(np.int32) - b.astype(np.int32))
     return float((d == 0).mean()), int(d.max())
+
+
+def render_batch(runner, avatar, audio_windows: torch.Tensor, template_ids) -> list[torch.Tensor]:
+    """One batch the plain way, from the public compositing steps: each template frame decoded, `compose.prepare`,
+    one generator call on `audio_windows`, `compose.paste`: composited frames (H, W, 3) uint8 BGR on the runner's
+    device (what the offline pipeline overlaps in threads)."""
+    from lipsync_trt import compose
+
+    ids = [int(t) for t in template_ids]
+    frames = [torch.from_numpy(avatar.frame(t).copy()).to(runner.device) for t in ids]
+    boxes = [avatar.boxes[t] for t in ids]
+    inputs, crops = compose.prepare(frames, boxes, runner.dtype)
+    return compose.paste(frames, crops, runner.generate(inputs, audio_windows), boxes)

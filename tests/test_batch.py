@@ -268,6 +268,7 @@ def ray_batch(ray_local, tmp_path_factory, clips):
     return {"folder": folder, "jobs": jobs, "report": report, "killed": killer.killed_pid}
 
 
+@pytest.mark.slow   # a local Ray instance, two workers
 def test_ray_batch_matches_single_process_generate(ray_batch, clips, reference):
     check_outputs(ray_batch["folder"], clips, reference)
     summary = ray_batch["report"].summary()
@@ -275,6 +276,7 @@ def test_ray_batch_matches_single_process_generate(ray_batch, clips, reference):
     assert summary["mode"] == "ray" and summary["workers"] == 2
 
 
+@pytest.mark.slow   # a local Ray instance, two workers
 def test_ray_worker_killed_mid_job_is_restarted_and_its_job_retried(ray_batch, clips, reference):
     killed = ray_batch["killed"]
     assert killed is not None, "job 'a' never started"
@@ -285,6 +287,7 @@ def test_ray_worker_killed_mid_job_is_restarted_and_its_job_retried(ray_batch, c
     assert_same_frames(ray_batch["folder"] / "out" / "a", reference / "a")
 
 
+@pytest.mark.slow   # a local Ray instance, two workers
 def test_ray_batch_rerun_skips_finished_jobs(ray_batch, clips, capsys):
     """The same batch again through the command line (`batch --ray local`, joining the running instance): the
     three finished jobs are skipped untouched, the two bad ones fail again, exit code 1."""

@@ -13,7 +13,6 @@ import torch
 
 import numpy as np
 
-from lipsync_trt import audio as A
 from lipsync_trt.bench import reference
 from lipsync_trt.backends import Availability
 from lipsync_trt.bench.cli import parse_args
@@ -35,6 +34,7 @@ def quick_run(tmp_path_factory):
     return proc, out, time.perf_counter() - t0
 
 
+@pytest.mark.slow   # the --demo --quick benchmark in a subprocess
 def test_demo_quick_completes_with_complete_json(quick_run):
     proc, out, seconds = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,6 +58,7 @@ def test_demo_quick_completes_with_complete_json(quick_run):
     print(f"bench --demo --quick: {seconds:.1f} s wall ({report['total_seconds']:.1f} s inside)")
 
 
+@pytest.mark.slow   # the --demo --quick benchmark in a subprocess
 def test_demo_quick_prints_table_and_writes_plot(quick_run):
     proc, out, _ = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +68,7 @@ def test_demo_quick_prints_table_and_writes_plot(quick_run):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow   # the --demo --quick benchmark in a subprocess
 def test_compare_against_itself(quick_run):
     proc, out, _ = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,10 +102,12 @@ def test_one_entry_point_runs_every_benchmark(argv, prog, capsys):
             assert f"\n  {name} " in listed, (name, listed)
 
 
-def test_frames_for_samples_matches_the_recipe():
+def test_frames_for_samples_matches_the_reference():
+    """The reference's own loop as the oracle: its centred STFT gives 1 + n // 200 mel frames, its AudioDataset one
+    window per idx, and the padding one row more at each end."""
     for n in (3000, 3199, 3200, 12345, 718147):
         t = 1 + n // 200
-        assert frames_for_samples(n) == A.num_windows(t) + 2
+        assert frames_for_samples(n) == len(reference.mel_windows(np.zeros((t, 80), np.float32))) + 2
     assert frames_for_samples(2999) == 0
 
 

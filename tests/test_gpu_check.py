@@ -22,12 +22,6 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def _compare_available() -> bool:
-    """Whether `python -m lipsync_trt compare` exists in this tree (issue #16), asked apart from the script."""
-    return subprocess.run([sys.executable, "-m", "lipsync_trt", "compare", "--help"], capture_output=True,
-                          cwd=REPO).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check_out")
@@ -41,6 +35,7 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_dry_run_passes_and_every_step_ran(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -50,15 +45,12 @@ def test_dry_run_passes_and_every_step_ran(dry_run):
         assert steps.get(name, {}).get("status") == "ok", (name, steps.get(name))
     # what needs CUDA is skipped with a line that says so, not left out silently
     assert steps["bench-compile"]["status"] == "skipped" and "CUDA" in steps["bench-compile"]["note"]
-    cmp = steps["compare/cpu/fp32/b2"]
-    if _compare_available():
-        assert cmp["status"] == "ok", cmp
-    else:
-        assert cmp["status"] == "skipped" and "compare not available" in cmp["note"], cmp
+    assert steps["compare/cpu/fp32/b2"]["status"] == "ok", steps["compare/cpu/fp32/b2"]   # compare exists (#16)
     assert "== bench-compile: skipped: torch:reduce-overhead" in proc.stdout
     assert "targets:" in proc.stdout   # the summary table closes the output
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_out_holds_what_the_device_tool_brings_back(dry_run):
     _, out = dry_run
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
@@ -70,6 +62,7 @@ def test_out_holds_what_the_device_tool_brings_back(dry_run):
     assert "== summary" in (out / "gpu-check.log").read_text()
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_pytest_step_selected_the_gpu_tests(dry_run):
     """On a CPU every gpu-marked test is collected and skipped (none deselected away, none run)."""
     _, out = dry_run
@@ -83,6 +76,7 @@ def test_pytest_step_selected_the_gpu_tests(dry_run):
     assert summary["skipped"] == len(cases) and summary["passed"] == summary["failed"] == summary["error"] == 0
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_bench_json(dry_run):
     _, out = dry_run
     report = json.loads((out / "bench.json").read_text())
@@ -93,6 +87,7 @@ def test_bench_json(dry_run):
             assert len(vals) == 1 and vals[0] > 0, (key, metric, vals)
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_e2e_device_rows(dry_run):
     """The on-device end-to-end step: frames 0-1 of the demo clip, one warm-up and one timed pass."""
     _, out = dry_run
@@ -105,6 +100,7 @@ def test_e2e_device_rows(dry_run):
     assert all(stages[k] <= stages["seconds"] for k in ("audio", "prepare", "model", "paste"))
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_serve_json(dry_run):
     _, out = dry_run
     report = json.loads((out / "serve.json").read_text())
@@ -118,13 +114,13 @@ def test_serve_json(dry_run):
     assert f["made"] > 0
 
 
+@pytest.mark.slow   # runs bench/gpu-check.sh --dry-run (minutes)
 def test_compare_json_and_summary(dry_run):
     _, out = dry_run
     comp = json.loads((out / "compare.json").read_text())
-    assert comp["available"] == _compare_available()
-    assert comp["frames"] == "0-1"
-    if comp["available"]:
-        assert isinstance(comp["results"].get("cpu/fp32/b2"), dict) and comp["results"]["cpu/fp32/b2"]
+    assert comp["available"] is True and comp["frames"] == "0-1"
+    result = comp["results"].get("cpu/fp32/b2")
+    assert isinstance(result, dict) and result, comp
     s = _summary(out)
     assert s["mode"] == "dry-run" and s["data"] == "demo"
     assert [t["target"][:12] for t in s["targets"]] == ["generator fp", "audio -> com", ">= 150 concu"]

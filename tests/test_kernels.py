@@ -199,7 +199,7 @@ def _sanders_frame(root: Path, i: int):
     """Frame i (BGR, as cv2 decodes it) and its face box from landmarks (RECIPE §5)."""
     from lipsync_trt import avatar
     jpg = root / "full_body_img" / f"{i}.jpg"
-    img = avatar.decode(jpg, *avatar.jpeg_size(jpg))
+    img = avatar.decode(jpg, *avatar.read_jpeg(jpg)[1])
     box = avatar.face_box(avatar.read_landmarks(root / "landmarks" / f"{i}.lms"), *img.shape[:2])
     return torch.from_numpy(img), box
 

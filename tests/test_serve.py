@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("aiohttp")
 cv2 = pytest.importorskip("cv2")
 
-from lipsync_trt import api, backends, pipeline  # noqa: E402
+from lipsync_trt import api, backends  # noqa: E402
 from lipsync_trt import audio as A  # noqa: E402
 from lipsync_trt import avatar as AV  # noqa: E402
 from lipsync_trt.bench import reference  # noqa: E402
@@ -35,6 +35,7 @@ from lipsync_trt.serve.server import ServeConfig, ServerThread  # noqa: E402
 from lipsync_trt.serve.session import ready_chunk  # noqa: E402
 
 from conftest import SANDERS  # noqa: E402
+from oracle import render_batch  # noqa: E402
 
 BACKEND = "onnxruntime" if backends.available()["onnxruntime"].usable else "torch"
 CHUNK = P.CHUNK_SAMPLES
@@ -201,7 +202,7 @@ def test_real_speech_stream_equals_offline_generate(server, entries, sanders, or
         assert far > 4 * MAX_MEAN_DIFF, (r.frame_id, far)
     feats = api.LipSync(entries["sanders"].avatar, entries["sanders"].runner).features(padded(x24), P.STREAM_RATE)
     probe = [3, 17, 30, 44, 57]
-    shifted = pipeline.render_batch(entries["sanders"].runner, entries["sanders"].avatar,
+    shifted = render_batch(entries["sanders"].runner, entries["sanders"].avatar,
                                     A.feature_windows(feats.padded, [i + 1 for i in probe]),
                                     [reference.frame_order(len(boxes), i + 1)[i] for i in probe])
     for i, wrong in zip(probe, shifted):

@@ -55,6 +55,7 @@ def test_analyse_verdicts():
     assert no_end["frames"]["no_end"] == 1 and not no_end["keeps_up"]
 
 
+@pytest.mark.slow   # a benchmark run against a server subprocess
 def test_demo_run_writes_a_complete_json(tmp_path):
     """The real thing, short: a server subprocess with the demo avatar, one stream of 0.6 s (15 chunks -> 14
     frames) at one chunk per 0.2 s, slow enough for this CPU to keep up with. (But 10 of the 14 frames are ready

@@ -14,6 +14,8 @@ import shutil
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow   # a browser (Chromium through Playwright) against a served page
+
 CHROMIUM = "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)

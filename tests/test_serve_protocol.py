@@ -106,11 +106,11 @@ MEL_ATOL = 1e-5
 def test_template_order_matches_the_reference_loop():
     from lipsync_trt.avatar import frame_order
     from lipsync_trt.bench import reference
-    from lipsync_trt.serve.session import template_for
+    from lipsync_trt.recipe import template_of
 
     for count in (2, 3, 8, 523):
         ref = reference.frame_order(count, 3 * count)   # inference_328.py's img_idx/step loop
-        assert [template_for(i, count) for i in range(3 * count)] == ref
+        assert [template_of(i, count) for i in range(3 * count)] == ref
         assert frame_order(3 * count, count).tolist() == ref
 
 
@@ -122,7 +122,9 @@ def test_ready_chunk_is_11_or_12_and_consistent_with_the_resampler():
 
     from lipsync_trt import audio as A
     from lipsync_trt.demo import make_speech
-    from lipsync_trt.serve.session import RESAMPLE_QUALITY, ready_chunk, samples_needed
+    from lipsync_trt.audio import RESAMPLE_QUALITY
+    from lipsync_trt.recipe import samples_needed
+    from lipsync_trt.serve.session import ready_chunk
 
     frames = 4000
     x24 = make_speech((frames + 20) * 0.04, 24000, seed=8)
@@ -223,17 +225,20 @@ def test_streamed_features_equal_encode_features(torch_runner):
     from lipsync_trt import audio as A
     from lipsync_trt import pipeline
     from lipsync_trt.demo import make_speech
-    from lipsync_trt.serve.session import AudioFront, FeatureBack, template_for
+    from lipsync_trt.bench import reference
+    from lipsync_trt.serve.session import AudioFront
+    from lipsync_trt.stream import ReadyFrames
 
     x24 = make_speech(2.0, 24000, seed=5)
-    front, back = AudioFront(), FeatureBack(8)
+    front, back = AudioFront(), ReadyFrames(8)
+    order = reference.frame_order(8, 400)   # the reference's img_idx/step loop
     front.samples16 = []
     got = {}
 
     def feed(first, wins, n=None):
         feats = torch_runner.encode_audio(wins) if len(wins) else torch.zeros(0, 512)
         for i, t, w in back.add(first, feats, n):
-            assert i not in got and t == template_for(i, 8)
+            assert i not in got and t == order[i]
             got[i] = w
 
     mid_frames = []

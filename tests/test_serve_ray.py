@@ -28,6 +28,8 @@ import test_serve as TS  # noqa: E402
 from test_serve import CHUNK, MAX_MEAN_DIFF, _config, check_stream, padded, recipe_boxes, run, speech24  # noqa: E402
 from lipsync_trt.bench import reference  # noqa: E402
 
+pytestmark = pytest.mark.slow   # a local Ray instance and a Ray Serve deployment
+
 # test_serve's fixtures, used here by name: its checkpoints, runner, avatars, offline oracle and plain server
 live_checkpoints, runner, entries, oracle, server = TS.live_checkpoints, TS.runner, TS.entries, TS.oracle, TS.server
 

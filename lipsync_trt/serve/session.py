@@ -12,16 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import batcher as B
-from .. import recipe as R
 from .. import stream as core
-from ..audio import RESAMPLE_QUALITY  # noqa: F401  (the stream resampler's quality, for the tests' reference)
 from .protocol import (CHUNK_SAMPLES, MAX_GAP_CHUNKS, REUSED_FILE, STREAM_RATE, ProtocolError, Status,
                        encode_response, error_response, frame_zip)
-
-samples_needed = R.samples_needed       # re-exported for the protocol's tests and tools
-template_for = R.template_of
-FeatureBack = core.ReadyFrames
-
 
 def ready_chunk(frame: int) -> int:
     """The chunk id whose arrival makes video frame `frame` ready mid-stream: frame + 11 or frame + 12."""
