@@ -7,9 +7,19 @@ TensorRT or Core ML.
     for i, frame in ls.frames("speech.wav"):   # BGR uint8 (H, W, 3)
         ...
 """
-from .api import LipSync, load
-from .backends import available
 from .errors import LipsyncError
 from .version import __version__
 
 __all__ = ["LipSync", "LipsyncError", "available", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    """LipSync, load and available, imported at first use: `python -m lipsync_trt` runs this file before the CLI,
+    which must handle signals before torch loads (errors.run_command)."""
+    if name in ("LipSync", "load"):
+        from . import api
+        return getattr(api, name)
+    if name == "available":
+        from .backends import available
+        return available
+    raise AttributeError(f"module 'lipsync_trt' has no attribute {name!r}")

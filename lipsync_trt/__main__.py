@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .cli_args import add_backend_args, add_blend_arg
-from .errors import OutputError, UsageError, run_command
+from .errors import OutputError, UsageError, run_command   # (imports nothing heavy: see main)
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -188,6 +188,12 @@ def cmd_info(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run a command, all inside `run_command`: a signal during the imports and option checks ends the
+    command as one at any later moment (one line, 130/143/129)."""
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"generate": cmd_generate, "features": cmd_features, "info": cmd_info}.get(args.command,
                                                                                          getattr(args, "handler", None))
-    return run_command(lambda: handler(args))
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -46,38 +46,71 @@ class CompareError(LipsyncError):
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+    """SIGTERM or SIGHUP, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+# The signals a command unwinds on (temporary outputs removed): Ctrl-C, a kill, a closed terminal or SSH session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopping = threading.Event()   # a stop signal arrived: the command is unwinding, later ones must not interrupt that
+
+
+def signal_exception(signum: int) -> BaseException:
+    """The exception a stop signal unwinds a command with: KeyboardInterrupt for SIGINT, else Terminated."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _stopping.is_set():   # already unwinding (a second Ctrl-C, SIGHUP then SIGTERM): let the clean-up finish
+        return
+    _stopping.set()
+    raise signal_exception(signum)
 
 
 @contextlib.contextmanager
-def _sigterm_as_exception():
-    """While a command runs, SIGTERM unwinds like Ctrl-C (temporary outputs removed) instead of killing at once."""
+def _stop_signals_as_exceptions():
+    """While a command runs, SIGINT, SIGTERM and SIGHUP unwind it (outputs cleaned up by the exception) instead of
+    killing it at once; a signal that arrives while it unwinds is ignored. A signal ignored at start (nohup, a
+    background job of a script) stays ignored. In the main thread only (signals are delivered there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _stopping.clear()
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _on_stop_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_message(signum: int) -> str:
+    """The one line a command ends with when a stop signal ended it."""
+    return {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated",
+            signal.SIGHUP: "terminated: hangup (SIGHUP: the terminal or session closed)"}.get(
+        signum, f"terminated by signal {signum}")
 
 
 def run_command(command: Callable[[], int]) -> int:
-    """Run a command: its own exit code, 2 with one `error: ...` line for bad input (LipsyncError), 130 on
-    Ctrl-C, 143 on SIGTERM (outputs cleaned up as the exception unwinds)."""
+    """Run a command: its own exit code, 2 with one `error: ...` line for bad input (LipsyncError), 128 + the
+    signal with one line when SIGINT (130), SIGTERM (143) or SIGHUP (129) stopped it, wherever it was (imports,
+    loading, export, render, encode), its temporary outputs removed as the exception unwound. Call it first:
+    the command's own imports belong inside `command`."""
     try:
-        with _sigterm_as_exception():
+        with _stop_signals_as_exceptions():
             return command()
     except LipsyncError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        print(stop_message(signal.SIGINT), file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as exc:
+        print(stop_message(exc.signum), file=sys.stderr)
+        return 128 + exc.signum

@@ -13,12 +13,24 @@ Modules: `export` (ONNX export + structural check), `verify` (ONNX Runtime vs Py
 (the steps above), `cli`. Finding or building what a backend runs is `lipsync_trt.artifacts`; nothing
 here imports `lipsync_trt.backends`.
 """
-from ..models.io import AUDIO_ENCODER, GENERATOR
-from .builder import DEFAULT_BATCH, DEFAULT_OUT, PRECISIONS, TARGETS, build, parse_batch
-from .cli import build_parser, main
-from .export import OPSET, check_onnx, export_onnx
-from .manifest import FORMAT, build_key, find_build, gpu_name, key_hash, read_manifest
-from .verify import TOLERANCE, real_shaped_inputs, verify
+import importlib
+
+_WHERE = {"AUDIO_ENCODER": "..models.io", "GENERATOR": "..models.io",
+          "DEFAULT_BATCH": ".builder", "DEFAULT_OUT": ".builder", "PRECISIONS": ".builder", "TARGETS": ".builder",
+          "build": ".builder", "parse_batch": ".builder", "build_parser": ".cli", "main": ".cli",
+          "OPSET": ".export", "check_onnx": ".export", "export_onnx": ".export",
+          "FORMAT": ".manifest", "build_key": ".manifest", "find_build": ".manifest", "gpu_name": ".manifest",
+          "key_hash": ".manifest", "read_manifest": ".manifest",
+          "TOLERANCE": ".verify", "real_shaped_inputs": ".verify", "verify": ".verify"}
+
+
+def __getattr__(name: str):
+    """The names below, imported at first use: `python -m lipsync_trt.build` runs this file before its CLI, which
+    must handle signals before torch loads (errors.run_command)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lipsync_trt.build' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+
 
 __all__ = ["AUDIO_ENCODER", "DEFAULT_BATCH", "DEFAULT_OUT", "FORMAT", "GENERATOR", "OPSET", "PRECISIONS", "TARGETS",
            "TOLERANCE", "build", "build_key", "build_parser", "check_onnx", "export_onnx", "find_build", "gpu_name",

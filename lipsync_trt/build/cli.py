@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError, run_command
-from .builder import DEFAULT_BATCH, DEFAULT_OUT, PRECISIONS, TARGETS, build
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .builder import DEFAULT_BATCH, DEFAULT_OUT, PRECISIONS, TARGETS   # (torch: inside run_command, see main)
+
     p = argparse.ArgumentParser(
         prog="python -m lipsync_trt.build",
         description="Export the generator and audio encoder to ONNX, check them against PyTorch, and build "
@@ -34,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 with one `error: ...` line on stderr for bad input (`run_command`)."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: _build(args))
+    return run_command(lambda: _build(build_parser().parse_args(argv)))
 
 
 def _build(args: argparse.Namespace) -> int:
+    from .builder import build
+
     if args.demo:
         if args.generator or args.audio_encoder:
             raise UsageError("--demo makes its own checkpoints; leave out --generator/--audio-encoder")

@@ -530,16 +530,33 @@ class ServerThread:
 
 
 def run(cfg: ServeConfig) -> None:
-    """Serve until Ctrl-C (the CLI)."""
+    """Serve until Ctrl-C, SIGTERM or SIGHUP (the CLI). Any of them first closes every WebSocket with 1001 (going
+    away; `Server.shutdown`), then ends the command as `errors.run_command` says (one line, 130/143/129). While the
+    models load (inside `start`) a signal unwinds at once: no client is connected yet."""
+    import signal
     import sys
 
-    async def main():
+    from ..errors import STOP_SIGNALS, signal_exception
+
+    async def main() -> int:
         runner, server, port = await start(cfg)
+        loop, stop, got = asyncio.get_running_loop(), asyncio.Event(), []
+        for sig in STOP_SIGNALS:
+            if threading.current_thread() is threading.main_thread() and signal.getsignal(sig) is not signal.SIG_IGN:
+                # (a signal ignored at start, nohup, stays ignored)
+                loop.add_signal_handler(sig, lambda s=sig: (got.append(s), stop.set()))
         print(f"serving {', '.join(sorted(server.entries))} on http://{cfg.host}:{port}/ (WebSocket ws://{cfg.host}:"
               f"{port}/), backend {next(iter(server.entries.values())).runner.name}", file=sys.stderr, flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
+        return got[0]
 
-    asyncio.run(main())
+    coro = main()
+    try:
+        got = asyncio.run(coro)
+    except BaseException:
+        coro.close()   # a signal before its first step: no "never awaited" warning
+        raise
+    raise signal_exception(got)
