@@ -109,7 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = args.out
         if out is None and args.frames_dir is None:
             out = Path(args.audio).stem + ".mp4"
-        from .inputs import avatar_inputs, check_outputs
+        from .avatar import avatar_inputs
+        from .inputs import check_outputs
 
         check_outputs([("--out", out), ("--frames-dir", args.frames_dir)],   # before anything loads
                       [("--audio", args.audio), ("--generator", args.generator),

@@ -124,7 +124,8 @@ class LipSync:
         """Render to an MP4 (H.264 + AAC of the input audio) and/or a folder of PNGs; returns a Summary.
         `blend` overrides the one given to `load` for this call. An output that is, lies inside or contains the
         audio file or the avatar's folders is an OutputError before any work (as a path holding a NUL byte)."""
-        from .inputs import avatar_inputs, check_outputs
+        from .avatar import avatar_inputs
+        from .inputs import check_outputs
 
         feather = self._feather(blend)
         check_outputs([("out", out), ("frames_dir", frames_dir)],

@@ -25,6 +25,11 @@ LANDMARKS_DIR = "landmarks"
 _NUMBERED = re.compile(r"^(0|[1-9][0-9]*)\.(jpg|lms)$")
 
 
+def avatar_inputs(root: str | os.PathLike) -> list[Path]:
+    """What a run reads of an avatar folder: its frames and landmarks folders (for `inputs.check_outputs`)."""
+    return [Path(root) / FRAMES_DIR, Path(root) / LANDMARKS_DIR]
+
+
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 _SEGMENTS = frozenset(range(0xC0, 0xD0)) | {0xDA, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xFE} | frozenset(range(0xE0, 0xF0))
 

@@ -283,7 +283,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.json:
-        from .inputs import avatar_inputs, check_outputs
+        from .avatar import avatar_inputs
+        from .inputs import check_outputs
         from .video import check_writable
 
         check_outputs([("--json", args.json)], [("A", args.a), ("B", args.b), *(

@@ -123,13 +123,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def avatar_inputs(root: str | os.PathLike) -> list[Path]:
-    """What a run reads of an avatar folder: its frames and landmarks folders."""
-    from .avatar import FRAMES_DIR, LANDMARKS_DIR
-
-    return [Path(root) / FRAMES_DIR, Path(root) / LANDMARKS_DIR]
-
-
 def check_outputs(outputs: Iterable[tuple[str, str | os.PathLike | None]],
                   inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
     """OutputError, before any work, when an output is an input of the same run, lies inside one or contains one, or

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import video as V
 from ..errors import LipsyncError, UsageError
-from ..inputs import MAX_JOBS_BYTES, avatar_inputs, check_outputs, read_file
+from ..avatar import avatar_inputs
+from ..inputs import MAX_JOBS_BYTES, check_outputs, read_file
 
 PATH_FIELDS = ("avatar", "audio", "generator", "audio_encoder", "out", "frames_dir")
 REQUIRED = ("avatar", "audio", "generator", "audio_encoder")
