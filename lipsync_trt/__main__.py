@@ -147,7 +147,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     device = backends.resolve_device(args.device)
     arrays = {}
     if args.audio_encoder:
-        from .backends.torch import TorchRunner
+        from .backends.pytorch import TorchRunner
         from .models import Generator
 
         runner = TorchRunner(Generator(), load_audio_encoder(args.audio_encoder), device)

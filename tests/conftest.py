@@ -52,6 +52,6 @@ def engines_dir(tmp_path_factory) -> Path:
 def torch_runner(checkpoints):
     import torch
 
-    from lipsync_trt.backends import torch as tb
+    from lipsync_trt.backends import pytorch as tb
 
     return tb.load(*checkpoints, device=torch.device("cpu"))

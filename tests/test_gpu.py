@@ -10,7 +10,7 @@ from lipsync_trt import audio as A
 from lipsync_trt import avatar as AV
 from lipsync_trt import pipeline
 from oracle import render_batch
-from lipsync_trt.backends import torch as tb
+from lipsync_trt.backends import pytorch as tb
 
 pytestmark = pytest.mark.gpu
 

@@ -40,7 +40,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lipsync_trt"
 KERNELS = REPO / "kernels"          # installed as lipsync_trt.kernels (setup.py's package_dir)
-RUNNER_MODULES = ("base", "torch", "onnxruntime", "tensorrt", "coreml")
+RUNNER_MODULES = ("base", "pytorch", "onnxruntime", "tensorrt", "coreml")
 LOADER = ("lipsync_trt.build", "lipsync_trt.artifacts")   # the loader layer and the builder beneath it
 ROOT = "lipsync_trt"
 LAYERS = (   # lowest first; names relative to lipsync_trt ("" is the root package); see the docstring

@@ -14,12 +14,14 @@ import platform
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import torch as _torch   # aliased: the submodule backends.torch would shadow the name
+import torch
 
 from ..errors import BackendError
 from .base import Runner
 
 NAMES = ("torch", "onnxruntime", "tensorrt", "coreml")
+MODULES = {"torch": "pytorch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "coreml": "coreml"}
+# each backend's runner module (PyTorch's is backends/pytorch.py: a submodule named torch would shadow the library)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ AUTO: tuple[Preference, ...] = (
     Preference("torch", "any"),
 )
 
-DEVICE_CONDITIONS: dict[str, Callable[[_torch.device], bool]] = {
+DEVICE_CONDITIONS: dict[str, Callable[[torch.device], bool]] = {
     "cuda": lambda dev: dev.type == "cuda",
     "not cuda": lambda dev: dev.type != "cuda",
     "macOS, not cuda": lambda dev: dev.type != "cuda" and platform.system() == "Darwin",
@@ -59,7 +61,7 @@ DEVICE_CONDITIONS: dict[str, Callable[[_torch.device], bool]] = {
 def _module(name: str):
     if name not in NAMES:
         raise BackendError(f"unknown backend {name!r}; expected one of: auto, {', '.join(NAMES)}")
-    return importlib.import_module(f".{name}", __name__)
+    return importlib.import_module(f".{MODULES[name]}", __name__)
 
 
 def available() -> dict[str, Availability]:
@@ -74,22 +76,22 @@ def available() -> dict[str, Availability]:
     return out
 
 
-def resolve_device(device: str | _torch.device = "auto") -> _torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when torch sees a GPU, else cpu; an explicit 'cuda' without one is an error."""
-    if isinstance(device, _torch.device):
+    if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return _torch.device("cuda" if _torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = _torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise BackendError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not _torch.cuda.is_available():
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     return dev
 
 
-def first_row(rows: tuple[Preference, ...], usable: set[str], dev: _torch.device,
+def first_row(rows: tuple[Preference, ...], usable: set[str], dev: torch.device,
               has_artifact: Callable[[str], bool]) -> Preference:
     """The first row whose backend is in `usable`, whose device condition holds for `dev`, and whose artifact
     (if any) `has_artifact(kind)` says exists."""
@@ -101,9 +103,9 @@ def first_row(rows: tuple[Preference, ...], usable: set[str], dev: _torch.device
     raise BackendError(f"no backend in the auto table holds for device {dev}")
 
 
-def select(name: str = "auto", device: str | _torch.device = "auto", engines: str | os.PathLike | None = None,
+def select(name: str = "auto", device: str | torch.device = "auto", engines: str | os.PathLike | None = None,
            generator: str | os.PathLike | None = None, audio_encoder: str | os.PathLike | None = None,
-           precision: str = "fp32") -> tuple[str, _torch.device]:
+           precision: str = "fp32") -> tuple[str, torch.device]:
     """Pick a backend: an explicit name is checked for usability; 'auto' takes the first row of AUTO that holds.
 
     The TensorRT row needs a build for exactly these checkpoints (and precision, TensorRT version, GPU) in
@@ -126,11 +128,11 @@ def select(name: str = "auto", device: str | _torch.device = "auto", engines: st
         return artifacts.find_tensorrt(engines, generator, audio_encoder, precision) is not None
 
     row = first_row(AUTO, {n for n, a in avail.items() if a.usable}, dev, has_artifact)
-    return row.backend, (_torch.device("cpu") if row.backend == "coreml" else dev)   # Core ML picks its own units
+    return row.backend, (torch.device("cpu") if row.backend == "coreml" else dev)   # Core ML picks its own units
 
 
 def load(name: str, generator: str | os.PathLike, audio_encoder: str | os.PathLike,
-         device: str | _torch.device = "auto", precision: str = "fp32", **options) -> Runner:
+         device: str | torch.device = "auto", precision: str = "fp32", **options) -> Runner:
     """Resolve 'auto', have `lipsync_trt.artifacts` find or build what the backend runs, and load its runner.
 
     Options: `engines` (folder of builds), `batch` (profile of a build made here), and the runner's own
@@ -148,5 +150,5 @@ def load(name: str, generator: str | os.PathLike, audio_encoder: str | os.PathLi
                        **{**runner_options, **found.options})
 
 
-__all__ = ["AUTO", "Availability", "NAMES", "Preference", "Runner", "available", "first_row", "load", "resolve_device",
+__all__ = ["AUTO", "Availability", "MODULES", "NAMES", "Preference", "Runner", "available", "first_row", "load", "resolve_device",
            "select"]
