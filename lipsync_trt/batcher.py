@@ -7,19 +7,17 @@ longer than `max_delay` since the audio that made it ready arrived is refused in
 stays bounded in time however many streams share the device. A refused frame is reported as REJECTED or SKIPPED
 (`policy`): the client says no frame, or repeats its last one.
 
-A client is any object with: `runner` (its generator), `templates` (a `compose.TemplateCrops` on the runner's
-device), `avatar`, `mouths` (bool: the box-sized crop instead of the full frame), `feather` (optional: the box
-edge blend in pixels, `compose.parse_blend`), `frames` (a `stream.ReadyFrames`,
-for `encode`), `cancelled` (bool: drop its work) and `on_result(i, kind, payload)`, called from the worker:
-FRAME (box, image uint8 tensor on the device, t_ready), REJECTED/SKIPPED (reason), ERROR (reason: the generator
-failed on this frame's batch), ENCODED (i = the first window
-of an `encode` call, payload the frame ids it made ready, after their REJECTED answers if any), END (frame count),
-FAILED (reason; i = -1, nothing more follows).
+The client is `stream.Core` (one per live stream of every kind: `LipSync.stream`, `LipSync.live`, each server
+stream): `runner` (its generator), `templates` (a `compose.TemplateCrops` on the runner's device), `mouths` (bool: the
+box-sized crop instead of the full frame), `feather` (the box edge blend in pixels, `compose.parse_blend`),
+`cancelled` (bool: drop its work), `on_features(first, feats, n_windows, t_arrived)` (encoder results, in the
+worker: the client decides which frames they make ready and `render`s them) and `on_result(Result)`.
 """
 from __future__ import annotations
 
 import atexit
 import collections
+import enum
 import logging
 import threading
 import time
@@ -34,8 +32,31 @@ from .errors import StreamError
 from .pipeline import ENCODER_BATCH   # mel windows per audio-encoder call, as the offline path
 
 POLICIES = ("reject", "skip")
-FRAME, REJECTED, SKIPPED, ERROR, ENCODED, END, FAILED = ("frame", "rejected", "skipped", "error", "encoded", "end",
-                                                    "failed")
+
+
+class Kind(enum.Enum):
+    """What the batcher answers about a frame: made, refused (by the `policy`: REJECTED says no frame, SKIPPED
+    repeat the last one), its batch's generator failed (ERROR: the stream goes on), or the stream's work failed
+    (FAILED: nothing more follows)."""
+
+    FRAME = "frame"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+    ERROR = "error"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The batcher's answer about frame `frame` of a client (-1 with FAILED): with FRAME its `image` (uint8 tensor on
+    the device: the full frame, or the mouth crop of `box`) and `t_ready` (when it was queued); else `reason`."""
+
+    kind: Kind
+    frame: int
+    image: torch.Tensor | None = None
+    box: tuple | None = None
+    t_ready: float | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -79,6 +100,7 @@ class Batcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = collections.Counter()
+        self.batch_sizes = collections.Counter()   # generator calls by batch size (the server's /metrics)
 
     # -- any thread
     def start(self) -> "Batcher":
@@ -195,8 +217,8 @@ class Batcher:
         return take
 
     def _encode(self, work: list) -> None:
-        """Encoder windows of many clients in batches (per encoder: `encoder`, else each client's runner), then
-        each client's ready frames go to the generator queue, ENCODED (their ids) and, at the end, END."""
+        """Encoder windows of many clients in batches (per encoder: `encoder`, else each client's runner); each
+        client gets its features (`on_features`), and queues the frames they make ready (`render`)."""
         live = [w for w in work if not w[0].cancelled]
         groups: dict = {}
         for k, w in enumerate(live):
@@ -222,21 +244,11 @@ class Batcher:
         for (client, first, w, n, t_arrived), f in zip(live, feats):
             if f is None:
                 continue
-            if hasattr(client, "on_features"):   # a client that decides its ready frames itself (live.Live)
-                try:
-                    client.on_features(first, f)
-                except Exception as exc:
-                    self._fail(client, f"stream state: {exc}")
-                continue
-            try:
-                jobs = client.frames.add(first, f, n)
+            try:                                     # the client decides the frames they make ready and renders them
+                client.on_features(first, f, n, t_arrived)
             except Exception as exc:
+                log.exception("batcher: a client failed on its features")
                 self._fail(client, f"stream state: {exc}")
-                continue
-            self.render(client, jobs, t_arrived)
-            client.on_result(first, ENCODED, [i for i, _, _ in jobs])
-            if n is not None:
-                client.on_result(client.frames.frames_total, END, client.frames.frames_total)
 
     def _admit(self, client, i: int, template: int, audio: torch.Tensor, now: float, t_arrived: float) -> _Job | None:
         key = id(client)
@@ -268,10 +280,10 @@ class Batcher:
             return
         if self.policy == "skip":
             self.stats["reused"] += 1
-            client.on_result(i, SKIPPED, reason)
+            client.on_result(Result(Kind.SKIPPED, i, reason=reason))
         else:
             self.stats["overloaded"] += 1
-            client.on_result(i, REJECTED, reason)
+            client.on_result(Result(Kind.REJECTED, i, reason=reason))
 
     def _generate(self, batch: list[_Job]) -> None:
         for j in batch:
@@ -292,13 +304,14 @@ class Batcher:
             for j in batch:
                 self._done(j.client)
                 if not j.client.cancelled:
-                    j.client.on_result(j.frame, ERROR, f"generator failed: {exc}")
+                    j.client.on_result(Result(Kind.ERROR, j.frame, reason=f"generator failed: {exc}"))
             raise
         self.stats["batches"] += 1
+        self.batch_sizes[len(batch)] += 1
         self.stats["frames"] += len(batch)
         for j, box, img in zip(batch, boxes, images):
             self._done(j.client)
-            j.client.on_result(j.frame, FRAME, (box, img, j.t_ready))
+            j.client.on_result(Result(Kind.FRAME, j.frame, image=img, box=box, t_ready=j.t_ready))
 
     @staticmethod
     def _compose(batch: list[_Job], crops: torch.Tensor, pred: torch.Tensor, boxes: list) -> list[torch.Tensor]:
@@ -323,4 +336,4 @@ class Batcher:
 
     def _fail(self, client, reason: str) -> None:
         if not client.cancelled:
-            client.on_result(-1, FAILED, reason)
+            client.on_result(Result(Kind.FAILED, -1, reason=reason))

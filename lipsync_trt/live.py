@@ -89,10 +89,11 @@ class Live:
         self.samples_per_frame = exact_slot(rate)
         self.rate = int(rate)
         avatar.order(2, start_frame)                 # validates the start frame
-        self.runner, self.avatar, self.templates, self.batcher = runner, avatar, templates, batcher
-        self.idle, self.as_tensor, self.start_frame, self.feather = idle, bool(as_tensor), start_frame, feather
-        self.mouths = False                          # the batcher composes full frames for this client
-        self.cancelled = False                       # the batcher drops this client's work
+        self.avatar, self.templates, self.batcher = avatar, templates, batcher
+        self.idle, self.as_tensor, self.start_frame = idle, bool(as_tensor), start_frame
+        # the batcher's client (full frames, this stream's blend): encoder results come back to `_on_features`,
+        # which decides the frames they make ready; every result to `_on_result`
+        self.core = core.Core(runner, templates, batcher, self._on_result, self._on_features, feather=feather)
         self.hold = hold_back(self.rate)
         self.lookahead = R.live_lookahead(self.hold)
         self.reach = -(-self.hold // R.SAMPLES_PER_FRAME)   # slots one input sample reaches through the filter
@@ -208,7 +209,7 @@ class Live:
         """End the stream: its queued model work is dropped; push/next afterwards raise StreamError."""
         with self._cond:
             self._closed = True
-            self.cancelled = True
+            self.core.cancel()
             self._cond.notify_all()
 
     @property
@@ -224,35 +225,36 @@ class Live:
     def __iter__(self):
         raise TypeError("a live stream is not iterable: call next() once per video frame (25 per second)")
 
-    # -- what the batcher calls (its worker thread)
-    def on_features(self, request: int, feats: torch.Tensor) -> None:
+    # -- what the batcher's worker calls (through the core)
+    def _on_features(self, request: int, feats: torch.Tensor, n_windows=None) -> list:
+        """Encoder results of request `request` -> the generator jobs of the frames they complete."""
         with self._cond:
             req = self._requests.pop(request, None)
             if req is None or req[0] != self._epoch or self._closed:
-                return
+                return []
             for w, f in zip(req[2], feats):
                 self._feats[w] = f
                 self._asked.discard(w)
-            self._render_ready()
+            return self._ready_jobs()
 
-    def on_result(self, request: int, kind: str, payload) -> None:
+    def _on_result(self, result: B.Result) -> None:
         with self._cond:
-            if kind == B.FAILED:
-                self._failed = str(payload)
+            if result.kind is B.Kind.FAILED:
+                self._failed = result.reason
                 self._cond.notify_all()
                 return
-            req = self._requests.pop(request, None)
-            if kind == B.FRAME:
+            req = self._requests.pop(result.frame, None)
+            if result.kind is B.Kind.FRAME:
                 self.stats["generated"] += 1
             if req is None or req[0] != self._epoch or req[2] < self._returned:
                 return                               # made from dropped audio, or returned late already
             frame = req[2]
-            if kind == B.FRAME:
-                self._images[frame] = payload[1]
-            elif kind in (B.REJECTED, B.SKIPPED):    # the batcher's deadline or queue bound: a late frame
+            if result.kind is B.Kind.FRAME:
+                self._images[frame] = result.image
+            elif result.kind in (B.Kind.REJECTED, B.Kind.SKIPPED):   # the batcher's deadline or queue bound: late
                 self._images[frame] = None
-            elif kind == B.ERROR:
-                self._images[frame] = StreamError(f"frame {frame}: {payload}")
+            elif result.kind is B.Kind.ERROR:
+                self._images[frame] = StreamError(f"frame {frame}: {result.reason}")
             self._cond.notify_all()
 
     # -- internals (under self._cond)
@@ -322,7 +324,7 @@ class Live:
                         new_windows.append(w)
         if new_windows:
             self._encode(sorted(new_windows))
-        self._render_ready()
+        self.core.render(self._ready_jobs())
 
     @staticmethod
     def _windows_of(frame: int) -> list[int]:
@@ -341,9 +343,10 @@ class Live:
         x = mel[:, idx].permute(1, 0, 2).unsqueeze(1).contiguous()
         req = next(self._ids)
         self._requests[req] = (self._epoch, "enc", windows)
-        self.batcher.encode(self, req, x)
+        self.core.encode(req, x)
 
-    def _render_ready(self) -> None:
+    def _ready_jobs(self) -> list:
+        """Generator jobs [(request id, template, feature window)] of the waiting frames whose windows are known."""
         jobs = []
         for j in sorted(self._waiting):
             ws = self._windows_of(j)
@@ -356,8 +359,7 @@ class Live:
             req = next(self._ids)
             self._requests[req] = (self._epoch, "gen", j)
             jobs.append((req, R.template_of(j, self.avatar.count, self.start_frame), win.reshape(R.FEATURE_SHAPE)))
-        if jobs:
-            self.batcher.render(self, jobs)
+        return jobs
 
     def _wait_image(self, k: int, timeout: float | None):
         """Frame k's generated image (a device tensor), or None when it did not come within `timeout`."""

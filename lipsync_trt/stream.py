@@ -1,9 +1,12 @@
 """The streaming core: audio chunks in, video frames out as soon as the recipe allows (RECIPE §1-4), equal to
 the whole-file path on the same samples. `LipSync.stream` is its public face; the server uses the same pieces.
 
-Two halves, each with one owner at a time:
+Three pieces, each with one owner at a time:
   `AudioWindows`  samples at any rate -> incremental 16 kHz resampling and mel -> encoder input windows;
-  `ReadyFrames`   encoder features in window order -> the video frames whose feature windows are complete.
+  `ReadyFrames`   encoder features in window order -> the video frames whose feature windows are complete;
+  `Core`          the batcher's one client for every live path (`LipSync.stream`, `LipSync.live`, each server
+                  stream): options fixed at construction, windows to the encoder, the frames the stream's own rule
+                  makes ready to the generator, typed `batcher.Result`s back.
 `Stream` joins them for one caller: push a chunk, get every frame that became ready (the encoder and generator
 calls go through a `batcher.Batcher`, one worker thread that batches them with other streams' and is the only
 thread calling the runner, so runners need not be thread-safe).
@@ -126,9 +129,14 @@ class ReadyFrames:
         return None if self.n_windows is None else R.num_video_frames(self.n_windows)
 
     def _ready(self, i: int) -> bool:
-        if self.n_windows is not None:
-            return i < R.num_video_frames(self.n_windows)
-        return R.last_window(i) < self.known
+        return self.is_ready(i, self.known, self.n_windows)
+
+    @staticmethod
+    def is_ready(i: int, known: int, n_windows: int | None = None) -> bool:
+        """Whether frame i is ready once windows [0, known) (and N, at the end) are encoded (RECIPE §3)."""
+        if n_windows is not None:
+            return i < R.num_video_frames(n_windows)
+        return R.last_window(i) < known
 
     def _window(self, i: int) -> torch.Tensor:
         ks = [R.window_of_row(r, self.n_windows) for r in R.feature_rows(i)]
@@ -210,6 +218,38 @@ def ready_chunk_period(rate: int, chunk: int, search: int = 12000) -> int | None
     return None
 
 
+class Core:
+    """The batcher's one client for every live path (`LipSync.stream`, `LipSync.live`, each server stream). Options
+    are fixed at construction; `encode` sends encoder windows, `render` ready frames [(frame, template, feature
+    window)]; in the batcher's worker, `ready(first, feats, n_windows)` (the stream's own rule) turns encoder
+    results into the frames they make ready, which go to the generator, and every `batcher.Result` goes to
+    `deliver`. `cancel()` drops its queued work."""
+
+    def __init__(self, runner, templates, batcher, deliver, ready, mouths: bool = False, feather: int = 0):
+        self.runner, self.templates, self.batcher = runner, templates, batcher
+        self.mouths, self.feather = bool(mouths), int(feather)
+        self.deliver, self.ready = deliver, ready
+        self.cancelled = False
+
+    def encode(self, first: int, windows: torch.Tensor, n_windows: int | None = None,
+               t_arrived: float | None = None) -> None:
+        self.batcher.encode(self, first, windows, n_windows, t_arrived)
+
+    def render(self, jobs: list[tuple[int, int, torch.Tensor]], t_arrived: float | None = None) -> None:
+        if jobs:
+            self.batcher.render(self, jobs, t_arrived)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    # the batcher's worker
+    def on_features(self, first: int, feats: torch.Tensor, n_windows: int | None, t_arrived: float) -> None:
+        self.render(self.ready(first, feats, n_windows), t_arrived)
+
+    def on_result(self, result: B.Result) -> None:
+        self.deliver(result)
+
+
 class Stream:
     """One live audio stream of a `LipSync` (see `LipSync.stream`): `push(chunk)` returns every frame that became
     ready, in order, none twice; `close()` returns the rest. Safe to use one stream per thread, many at once."""
@@ -217,16 +257,15 @@ class Stream:
     def __init__(self, runner, avatar, templates, batcher, rate: int, mouths: bool = False, as_tensor: bool = False,
                  start_frame: int = 0, feather: int = 0):
         avatar.order(2, start_frame)                 # validates the start frame
-        self.runner, self.avatar, self.templates, self.batcher = runner, avatar, templates, batcher
-        self.mouths, self.as_tensor, self.feather = bool(mouths), bool(as_tensor), feather
+        self.avatar, self.mouths, self.as_tensor = avatar, bool(mouths), bool(as_tensor)
         self.audio = AudioWindows(rate)
         self.frames = ReadyFrames(avatar.count, start_frame)
+        self.core = Core(runner, templates, batcher, self._deliver, self.frames.add, mouths=mouths, feather=feather)
         self.closed = False                          # no more audio (close() was called)
-        self.cancelled = False                       # the batcher drops this stream's work (left its `with` early)
         self._cond = threading.Condition()
-        self._results: dict[int, tuple] = {}
-        self._encoded: list[int] | None = None
+        self._results: dict[int, B.Result] = {}
         self._failed: str | None = None
+        self._next = 0                               # frames expected so far (the next one's index)
         self._last = None                            # the last frame returned (policy skip repeats it)
         self._busy = threading.Lock()
 
@@ -252,63 +291,59 @@ class Stream:
         """Video frames of the whole stream, once it is closed."""
         return self.frames.frames_total
 
+    @property
+    def cancelled(self) -> bool:
+        return self.core.cancelled
+
     def __enter__(self) -> "Stream":
         return self
 
     def __exit__(self, *exc) -> None:
         self.closed = True
-        self.cancelled = True
+        self.core.cancel()
 
     def __iter__(self) -> Iterator:
         raise TypeError("a Stream is not iterable: iterate over what push() and close() return")
 
-    # -- what the batcher calls (its worker thread)
-    def on_result(self, i: int, kind: str, payload) -> None:
+    # -- the batcher's worker (through the core)
+    def _deliver(self, result: B.Result) -> None:
         with self._cond:
-            if kind == B.FAILED:
-                self._failed = str(payload)
-            elif kind == B.ENCODED:
-                self._encoded = payload
-            elif kind != B.END:
-                self._results[i] = (kind, payload)
+            if result.kind is B.Kind.FAILED:
+                self._failed = result.reason
+            else:
+                self._results[result.frame] = result
             self._cond.notify_all()
 
     # -- internals
     def _run(self, first: int, windows: torch.Tensor, n: int | None = None) -> list[tuple]:
-        """Windows to the batcher (encoder, then generator, batched with other streams); wait for the frames they
-        make ready and return them in order."""
+        """Windows to the batcher (encoder, then generator, batched with other streams); wait once for the frames
+        they make ready (known here from the window count: `ReadyFrames.is_ready`) and return them in order."""
         if not len(windows) and n is None:
             return []                                # no new window: no new frame
+        start = self._next
+        while ReadyFrames.is_ready(self._next, first + len(windows), n):
+            self._next += 1
+        ids = range(start, self._next)
+        self.core.encode(first, windows, n)
         with self._cond:
-            self._encoded = None
-        self.batcher.encode(self, first, windows, n)
-        ids = self._wait(lambda: self._encoded is not None, lambda: self._encoded)
-        got = self._wait(lambda: all(i in self._results for i in ids),
-                         lambda: [(i, *self._results.pop(i)) for i in ids])
+            while not all(i in self._results for i in ids):
+                if self._failed is not None:
+                    raise StreamError(f"stream failed: {self._failed}")
+                if not self.core.batcher.alive:
+                    raise StreamError("the batcher stopped before this stream's frames were made")
+                self._cond.wait(1.0)
+            got = [self._results.pop(i) for i in ids]
         out = []
-        for i, kind, payload in got:
-            if kind == B.ERROR:
-                raise StreamError(f"frame {i}: {payload}")
-            if kind == B.FRAME:
-                item = self._output(i, *payload)
-            elif kind == B.SKIPPED and self._last is not None:
-                item = (i, *self._last[1:])           # the batcher's policy skip: the last frame again
+        for r in got:
+            if r.kind is B.Kind.ERROR:
+                raise StreamError(f"frame {r.frame}: {r.reason}")
+            if r.kind is B.Kind.FRAME:
+                img = r.image if self.as_tensor else r.image.cpu().numpy()
+                item = (r.frame, r.box, img) if self.mouths else (r.frame, img)
+            elif r.kind is B.Kind.SKIPPED and self._last is not None:
+                item = (r.frame, *self._last[1:])     # the batcher's policy skip: the last frame again
             else:
                 continue                             # rejected (or nothing to repeat yet): no frame i
             self._last = item
             out.append(item)
         return out
-
-    def _wait(self, done, take):
-        with self._cond:
-            while not done():
-                if self._failed is not None:
-                    raise StreamError(f"stream failed: {self._failed}")
-                if not self.batcher.alive:
-                    raise StreamError("the batcher stopped before this stream's frames were made")
-                self._cond.wait(1.0)
-            return take()
-
-    def _output(self, i: int, box: tuple, image: torch.Tensor, t_ready: float | None = None) -> tuple:
-        img = image if self.as_tensor else image.cpu().numpy()
-        return (i, box, img) if self.mouths else (i, img)

@@ -73,11 +73,6 @@ class Scheduler:
         self.batcher.stop()
         self._pool.shutdown(wait=True)
 
-    def submit(self, stream: Stream, first: int, windows: torch.Tensor, n_windows: int | None = None) -> None:
-        """New encoder windows of a stream (in order), and N when the stream has ended. Any thread."""
-        stream.packer = self
-        self.batcher.encode(stream, first, windows, n_windows)
-
     def queued(self) -> int:
         return self.batcher.queued()
 

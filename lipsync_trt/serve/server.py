@@ -230,9 +230,9 @@ class Connection:
                 self.send(error_response(Status.OVERLOADED, req.frame_id,
                                          f"server overloaded: {srv.cfg.max_streams} streams already open"))
                 return
-            stream = Stream(req.model, entry, asyncio.get_running_loop(), self.emit, srv.cfg.max_gap)
+            stream = Stream(req.model, entry, asyncio.get_running_loop(), self.emit, srv.scheduler, srv.cfg.max_gap,
+                            feather=compose.parse_blend(srv.cfg.blend))
             stream.on_done = self.stream_done
-            stream.feather = compose.parse_blend(srv.cfg.blend)   # the batcher feathers this stream's mouths
             self.current = stream
             self.streams.append(stream)
             srv.active.add(stream)
@@ -242,13 +242,10 @@ class Connection:
             return
         self.last_audio = time.monotonic()
         try:
-            got = stream.front.push(req.frame_id, req.audio)
+            stream.push(req.frame_id, req.audio)
         except ProtocolError as exc:
             srv.stats["error_malformed"] += 1
             self.send(error_response(exc.status, exc.frame_id, exc.reason))
-            return
-        if got is not None and len(got[1]):
-            srv.scheduler.submit(stream, got[0], got[1])
 
     def end_stream(self, stream: Stream, note: str | None = None) -> None:
         """End the current stream (the client's end message, or the server's idle limit: then `note` is the END's
@@ -257,13 +254,11 @@ class Connection:
         if note:
             self.notes[stream] = note
         try:
-            first, windows, n = stream.front.finish()
+            stream.finish()
         except AudioError as exc:
             reason = f"stream too short for a frame: {exc}"
             stream.deliver(0, (END, error_response(Status.END, 0, f"{note}; {reason}" if note else reason),
                                None, None))
-            return
-        self.server.scheduler.submit(stream, first, windows, n)
 
     def check_idle(self, now: float) -> None:
         """The server's sweep: a client too slow even when no new answer comes (send checks the others); end the

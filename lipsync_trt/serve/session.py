@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import batcher as B
+from .. import recipe as R
 from .. import stream as core
 from .protocol import (CHUNK_SAMPLES, MAX_GAP_CHUNKS, REUSED_FILE, STREAM_RATE, ProtocolError, Status,
                        encode_response, error_response, frame_zip)
@@ -64,23 +65,22 @@ class AudioFront:
         return self.windows.finish()
 
 
-FRAME, REUSE, ERROR, END = "frame", "reuse", "error", "end"
+FRAME, REUSE, ERROR, END = "frame", "reuse", "error", "end"   # kinds of answers waiting for their turn
 
 
 class Stream:
-    """One client stream. `front` is used on the event loop; the batcher's worker fills `frames` and calls
-    `on_result`; answers come back through `post` (any thread) and leave in frame-id order through
-    `emit(stream, message)` on the loop. `packer` (set by the scheduler) turns mouths into JPEG + ZIP off the loop."""
+    """One client stream: what the wire needs around the library's `stream.Core` (the batcher's client, with the
+    ready-frame rule of `stream.ReadyFrames`, mouths and the blend fixed at construction): chunk ids and gap filling
+    (`front`, on the event loop), JPEG + ZIP packing (`packer`, off the loop), answers in frame-id order through
+    `emit(stream, message)` on the loop."""
 
-    mouths = True                    # the batcher makes the box-sized mouth crop, not the full frame
-
-    def __init__(self, model: str, entry, loop, emit, max_gap: int = MAX_GAP_CHUNKS):
-        self.model, self.entry, self.loop, self._emit = model, entry, loop, emit
-        self.runner, self.avatar, self.templates = entry.runner, entry.avatar, entry.templates
+    def __init__(self, model: str, entry, loop, emit, packer, max_gap: int = MAX_GAP_CHUNKS, feather: int = 0):
+        self.model, self.entry, self.loop, self._emit, self.packer = model, entry, loop, emit, packer
+        self.avatar = entry.avatar
         self.front = AudioFront(max_gap)
         self.frames = core.ReadyFrames(entry.avatar.count)
-        self.packer = None
-        self.closed = False          # connection gone: the batcher drops this stream's work
+        self.core = core.Core(entry.runner, entry.templates, packer.batcher, self.on_result, self.frames.add,
+                              mouths=True, feather=feather)
         self.done = False            # END delivered (or closed)
         self.next_out = 0
         self.held: dict[int, tuple] = {}
@@ -88,26 +88,45 @@ class Stream:
         self.on_done = None          # callback(stream) once END is delivered
 
     @property
-    def cancelled(self) -> bool:
-        return self.closed
+    def closed(self) -> bool:
+        """Connection gone (or the stream failed): the batcher drops this stream's work."""
+        return self.core.cancelled
 
-    # the batcher's worker
-    def on_result(self, i: int, kind: str, payload) -> None:
-        if kind == B.FRAME:
-            box, img, t_ready = payload
-            self.packer.pack(self, i, img, box, t_ready)
-        elif kind == B.SKIPPED:
-            self.post(i, (REUSE, None, None, None))
-        elif kind == B.REJECTED:
-            self.post(i, (ERROR, error_response(Status.OVERLOADED, i, f"server overloaded: {payload} (policy reject)"),
-                          None, None))
-        elif kind == B.ERROR:
-            self.post(i, (FRAME, error_response(Status.INTERNAL, i, str(payload)[:200]), None, None))
-        elif kind == B.END:
-            self.post(i, (END, encode_response(Status.END, i), None, None))
-        elif kind == B.FAILED:
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        if value:
+            self.core.cancel()
+
+    # event loop
+    def push(self, chunk_id: int, audio: np.ndarray) -> None:
+        """A chunk (ids, gaps and repeats as `AudioFront` says; ProtocolError for a bad one): its new encoder
+        windows go to the batcher."""
+        got = self.front.push(chunk_id, audio)
+        if got is not None and len(got[1]):
+            self.core.encode(*got)
+
+    def finish(self) -> None:
+        """End of the stream's audio: the last windows go to the batcher, and END follows the last frame (the answers
+        leave in frame-id order). AudioError when the stream was too short for a frame."""
+        first, windows, n = self.front.finish()
+        self.core.encode(first, windows, n)
+        total = R.num_video_frames(n)
+        self.post(total, (END, encode_response(Status.END, total), None, None))
+
+    # the batcher's worker (through the core)
+    def on_result(self, r: B.Result) -> None:
+        if r.kind is B.Kind.FRAME:
+            self.packer.pack(self, r.frame, r.image, r.box, r.t_ready)
+        elif r.kind is B.Kind.SKIPPED:
+            self.post(r.frame, (REUSE, None, None, None))
+        elif r.kind is B.Kind.REJECTED:
+            self.post(r.frame, (ERROR, error_response(Status.OVERLOADED, r.frame,
+                                                      f"server overloaded: {r.reason} (policy reject)"), None, None))
+        elif r.kind is B.Kind.ERROR:
+            self.post(r.frame, (FRAME, error_response(Status.INTERNAL, r.frame, r.reason[:200]), None, None))
+        elif r.kind is B.Kind.FAILED:
             self.closed = True
-            self.post(-1, (END, error_response(Status.INTERNAL, 0, str(payload)[:200]), None, None))
+            self.post(-1, (END, error_response(Status.INTERNAL, 0, r.reason[:200]), None, None))
 
     # any thread
     def post(self, frame_id: int, item: tuple) -> None:
