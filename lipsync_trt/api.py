@@ -136,7 +136,7 @@ class LipSync:
         else:
             if rate is None:
                 raise UsageError("rate= is required when audio is an array of samples (its sample rate in Hz)")
-            samples, source = np.asarray(audio, dtype=np.float32), "audio array"
+            samples, source = A.pcm_samples(audio, "audio array"), "audio array"   # int16: scaled by 1/32768
         return pipeline.generate(self.runner, self.avatar, samples, rate, out=out, frames_dir=frames_dir,
                                  frames=frames, start_frame=self.start_frame, batch_size=self.batch_size,
                                  crf=crf, codec=codec, preset=preset, progress=progress, source=source,

@@ -30,35 +30,68 @@ def load(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 MAX_ABS_SAMPLE = 64.0   # largest |sample| accepted: 36 dB over full scale, far beyond any real (even clipped) audio
 
+# Sample rates accepted at every entry point (files, arrays, streams, live): an int number of Hz. 8 kHz is telephone
+# speech, the lowest real speech rate; 384 kHz the highest WAV rate in use (DXD 352.8 kHz fits). Outside them soxr
+# either spins for minutes designing a filter (2**53 Hz) or upsamples into gigabytes (1 Hz: 48,000 samples -> 768 M).
+MIN_RATE, MAX_RATE = 8_000, 384_000
+ACCEPTED = "float32/float64 samples in [-1, 1], or int16 PCM (scaled by 1/32768)"
+
+
+def check_rate(rate, what: str = "audio") -> int:
+    """`rate` as an int when it is an integer number of Hz (not a bool, not a float) in MIN_RATE..MAX_RATE; else
+    AudioError naming `what`, the value and the range."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
+        raise AudioError(f"{what}: sample rate {rate!r} is not an integer number of Hz; expected an int in "
+                         f"{MIN_RATE}..{MAX_RATE}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{what}: sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+    return int(rate)
+
 
 def check_samples(data: np.ndarray, source: str = "audio") -> None:
     """Reject NaN/infinite samples and finite but absurd ones (|x| > MAX_ABS_SAMPLE, e.g. 3e38, which overflow
-    the float32 mel); values a little over full scale, as clipped TTS output has, pass unchanged."""
+    the float32 mel); values a little over full scale, as clipped TTS output has, pass unchanged. Checked on the
+    values as given (float64 ones before any cast to float32, which would overflow with a warning)."""
     finite = np.isfinite(data)
     if not finite.all():
         bad = int((~finite).sum())
-        raise AudioError(f"{source}: {bad} samples are NaN or infinite; expected finite samples in [-1, 1]")
+        raise AudioError(f"{source}: {bad} samples are NaN or infinite; expected {ACCEPTED}")
     peak = float(np.abs(data).max()) if data.size else 0.0
     if peak > MAX_ABS_SAMPLE:
         bad = int((np.abs(data) > MAX_ABS_SAMPLE).sum())
         raise AudioError(f"{source}: {bad} samples exceed +-{MAX_ABS_SAMPLE:g} (peak {peak:.3g}); expected "
-                         f"float samples in [-1, 1] (or int16 PCM)")
+                         f"{ACCEPTED}")
+
+
+def pcm_samples(data, source: str = "audio") -> np.ndarray:
+    """Samples as float32 by the one rule of every entry point (frames, generate, features, stream, live): float32
+    or float64 as they are (nominally [-1, 1]; NaN, infinite or absurd ones refused by `check_samples`), int16 PCM
+    scaled by 1/32768; any other dtype (int32, uint8, bool, object...) is an AudioError saying what is accepted."""
+    if not isinstance(data, np.ndarray):
+        try:
+            data = np.asarray(data)
+        except (ValueError, TypeError) as exc:
+            raise AudioError(f"{source}: not an array of samples ({exc}); expected {ACCEPTED}") from None
+    if data.dtype == np.int16:
+        return data.astype(np.float32) * np.float32(1 / 32768)
+    if data.dtype not in (np.float32, np.float64):
+        raise AudioError(f"{source}: dtype {data.dtype} is not supported; expected {ACCEPTED}")
+    check_samples(data, source)
+    return np.asarray(data, dtype=np.float32)
 
 
 def to_16k_mono(data: np.ndarray, rate: int, source: str = "audio") -> np.ndarray:
     """Average channels to mono and resample to 16 kHz with soxr 'HQ'; reject empty, short or non-finite input."""
     import soxr
 
-    data = np.asarray(data, dtype=np.float32)
+    data = pcm_samples(data, source)
+    rate = check_rate(rate, source)
     if data.ndim == 2:
         data = data.mean(axis=1, dtype=np.float32)
     elif data.ndim != 1:
         raise AudioError(f"{source}: expected a 1-D (samples) or 2-D (samples, channels) array, got shape {data.shape}")
     if data.size == 0:
         raise AudioError(f"{source}: the audio is empty (0 samples)")
-    check_samples(data, source)
-    if rate <= 0:
-        raise AudioError(f"{source}: invalid sample rate {rate}")
     if rate != R.SAMPLE_RATE:
         data = soxr.resample(data, rate, R.SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
     if data.size < R.MIN_SAMPLES:
@@ -177,29 +210,21 @@ RESAMPLE_QUALITY = "HQ"   # soxr quality of the incremental resampler (what to_1
 
 
 def stream_samples(chunk: np.ndarray, source: str = "stream chunk") -> np.ndarray:
-    """A pushed chunk as 1-D float32: mono float32/float64 in [-1, 1], or int16 PCM scaled by 1/32768; AudioError
-    naming what was wrong for any other dtype or shape, NaN/infinite or absurd samples (`check_samples`)."""
+    """A pushed chunk as 1-D float32 by `pcm_samples`' rule (float32/float64 in [-1, 1], or int16 PCM scaled by
+    1/32768); AudioError naming what was wrong for any other type, dtype or shape, NaN/infinite or absurd samples."""
     if not isinstance(chunk, np.ndarray):
         raise AudioError(f"{source}: expected a numpy array of samples, got {type(chunk).__name__}")
     if chunk.ndim != 1:
         raise AudioError(f"{source}: expected mono 1-D samples, got shape {chunk.shape}")
-    if chunk.dtype == np.int16:
-        return chunk.astype(np.float32) * np.float32(1 / 32768)
-    if chunk.dtype not in (np.float32, np.float64):
-        raise AudioError(f"{source}: dtype {chunk.dtype} is not supported; expected float32 in [-1, 1] or int16 PCM")
-    out = np.ascontiguousarray(chunk, dtype=np.float32)
-    check_samples(out, source)
-    return out
+    return np.ascontiguousarray(pcm_samples(chunk, source))
 
 
 class StreamResampler:
     """Any rate -> 16 kHz, chunk by chunk (soxr's ResampleStream, the same filter as the whole-file `to_16k_mono`;
     it holds back a few hundred samples until `flush`). 16 kHz input passes through untouched."""
 
-    def __init__(self, rate: int, quality: str = RESAMPLE_QUALITY):
-        if not isinstance(rate, (int, np.integer)) or rate <= 0:
-            raise AudioError(f"invalid sample rate {rate!r}: expected a positive integer (Hz)")
-        self.rate = int(rate)
+    def __init__(self, rate: int, quality: str = RESAMPLE_QUALITY, what: str = "stream"):
+        self.rate = check_rate(rate, what)
         self._rs = None
         if self.rate != R.SAMPLE_RATE:
             import soxr
