@@ -36,6 +36,7 @@ from .errors import AudioError, StreamError, UsageError
 IDLE_MODES = ("template", "generate")
 AHEAD = 25                  # frames past the one returned last that may be made ahead from planned audio (1 s)
 HOLD_BACK_PROBE = 400       # slots over which a rate's resampler hold-back is measured (many of its periods)
+_AGAIN = object()           # _wait_image: the timeline changed (interrupt) while waiting
 
 
 @dataclass
@@ -152,20 +153,23 @@ class Live:
         is made; with `timeout` (seconds) a speech frame not made by then comes back late-marked, as the template."""
         if timeout is not None and not (timeout >= 0 and np.isfinite(timeout)):
             raise UsageError(f"timeout={timeout!r}: expected a finite number of seconds >= 0, or None")
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._next_lock, self._cond:
             self._check_open("next")
             k = self._returned
-            self._commit(k + self.lookahead + 1)
-            self._schedule()
-            if k >= self._decided:
-                raise RuntimeError(f"live: frame {k} undecided after committing slot {k + self.lookahead}")
-            speech = self._speech[k]
-            late = False
-            if speech or self.idle == "generate":
-                image = self._wait_image(k, timeout)
-                late = image is None
-            else:
+            while True:                              # again when an interrupt() from another thread changed frame k
+                self._commit(k + self.lookahead + 1)
+                self._schedule()
+                if k >= self._decided:
+                    raise RuntimeError(f"live: frame {k} undecided after committing slot {k + self.lookahead}")
+                speech, epoch = self._speech[k], self._epoch
                 image = None
+                if speech or self.idle == "generate":
+                    image = self._wait_image(k, deadline, epoch)
+                    if image is _AGAIN:
+                        continue
+                late = (speech or self.idle == "generate") and image is None
+                break
             if image is None:
                 image = self._template(k)
             else:
@@ -361,10 +365,12 @@ class Live:
             jobs.append((req, R.template_of(j, self.avatar.count, self.start_frame), win.reshape(R.FEATURE_SHAPE)))
         return jobs
 
-    def _wait_image(self, k: int, timeout: float | None):
-        """Frame k's generated image (a device tensor), or None when it did not come within `timeout`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _wait_image(self, k: int, deadline: float | None, epoch: int):
+        """Frame k's generated image (a device tensor), None when it did not come by `deadline` (time.monotonic), or
+        _AGAIN when an interrupt changed the timeline meanwhile (frame k is decided again)."""
         while k not in self._images:
+            if self._epoch != epoch:
+                return _AGAIN
             if self._closed:
                 raise StreamError("live stream closed while waiting for a frame")
             if self._failed is not None:

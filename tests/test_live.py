@@ -363,3 +363,27 @@ def test_live_streams_from_threads_do_not_mix(ls):
     assert not errors, errors
     for frames, tl, _ in results:
         check_frames(ls, frames, tl)
+
+
+def test_interrupt_from_another_thread_while_next_waits(runner, ls):
+    """next() waits for a speech frame (the generator is held); interrupt() from another thread drops all the audio:
+    the waiting next() returns frame 0 as idle (its field is silence now) with silent audio, without waiting."""
+    gated = GatedRunner(runner)
+    lsg = api.LipSync(ls.avatar, gated, batch_size=4)
+    try:
+        with lsg.live() as live:
+            live.push(make_speech(0.5, 16000, seed=9))
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(live.next()))
+            t.start()
+            t.join(0.5)
+            assert t.is_alive()                                   # waiting for the held generator
+            live.interrupt()
+            t.join(10)
+            assert not t.is_alive() and got, "next() kept waiting after interrupt()"
+            f = got[0]
+            assert f.index == 0 and not f.speech and not f.late and not f.audio.any()
+            assert np.array_equal(f.image, template_jpeg(ls, 0))
+    finally:
+        gated.gate.set()
+        lsg.close()
