@@ -18,6 +18,7 @@ import threading
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from lipsync_trt import api, backends
 from lipsync_trt import avatar as AV
@@ -387,3 +388,29 @@ def test_interrupt_from_another_thread_while_next_waits(runner, ls):
     finally:
         gated.gate.set()
         lsg.close()
+
+
+def test_as_tensor_blend_and_start_frame(ls):
+    """as_tensor=True gives uint8 tensors on the backend's device; blend= and start_frame= reach speech frames
+    (equal to frames() with the same options) and idle frames (the template of the shifted order)."""
+    a = make_speech(0.3, 16000, seed=10)
+    start = 2
+    other = api.LipSync(ls.avatar, ls.runner, batch_size=4, start_frame=start)
+    with ls.live(as_tensor=True, blend="feather:8", start_frame=start) as live:
+        live.push(a)
+        frames = [live.next() for _ in range(30)]
+    audio = np.concatenate([f.audio for f in frames])
+    timeline = np.concatenate([audio, np.zeros(2 * live.lookahead * 640, np.float32)])
+    want = [f.index for f in frames if f.speech]
+    ref = dict(other.frames(timeline, rate=16000, frames=want, blend="feather:8"))
+    order = ls.avatar.order(30, start)
+    assert want and len(want) < 30
+    for f in frames:
+        assert f.image.dtype == torch.uint8 and f.image.device == ls.runner.device
+        img = f.image.cpu().numpy()
+        if f.speech:
+            level, share, _ = face_box_diff(img, ref[f.index], ls.avatar.boxes[order[f.index]])
+            assert level <= MAX_LEVEL and share < MAX_OFF_SHARE, (f.index, level, share)
+        else:
+            expect = cv2.imread(str(ls.avatar.frame_path(int(order[f.index]))), cv2.IMREAD_COLOR)
+            assert np.array_equal(img, expect), f.index
