@@ -28,7 +28,7 @@ setup(
         "tensorrt": ["onnx>=1.16", "tensorrt>=10"],
         "coreml": ["coremltools>=8.0"],
         "gpu": ["triton>=3.0"],
-        "serve": ["aiohttp>=3.14.4"],
+        "serve": ["aiohttp>=3.14.4", "prometheus_client>=0.17"],   # /metrics: prometheus_client, imported when asked
         "ray": ["ray[serve]>=2.9"],                         # batch --ray, serve --ray (docs/SCALING.md)
         "webrtc": ["aiohttp>=3.14.4", "aiortc>=1.9"],      # serve --webrtc (docs/LIVE.md)
         "compare": ["scikit-image>=0.19"],                 # SSIM in `python -m lipsync_trt compare`
@@ -39,6 +39,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "aiohttp>=3.14.4",                             # keepalive_timeout closes never-used connections
+            "prometheus_client>=0.17",                     # /metrics test (its text parser as the oracle)
             "ray[serve]>=2.9",                             # the Ray batch and Ray Serve tests (local Ray, CPU)
             "matplotlib>=3.7",
             "scikit-image>=0.19",

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import Parser
 from ..serve import client
 from ..serve.protocol import CHUNK_SAMPLES, CHUNK_SECONDS, STREAM_RATE, Status
 from ..serve.session import ready_chunk
@@ -98,6 +99,36 @@ async def _get_json(http_url: str, path: str) -> dict:
 
 def http_of(ws_url: str) -> str:
     return "http" + ws_url[2:] if ws_url.startswith("ws") else ws_url
+
+
+def generator_only(args, tmp: Path, batch: int, seconds: float) -> dict:
+    """Frames per second of the generator alone (no audio encoder, compositing, JPEG or network): the server's
+    backend, device and precision, `batch` frames a call, as many calls as fit `seconds` after one warm-up call.
+    What the server's mouths/s are compared with; measured in this process before the server starts, so the two do
+    not compete for the machine."""
+    import torch
+
+    from .. import backends
+    from ..demo import demo_checkpoints
+
+    gen, enc = args.generator, args.audio_encoder
+    if not (gen and enc) or args.demo:
+        g, e = demo_checkpoints(tmp / "generator_only")      # the speed does not depend on the weights
+        gen, enc = (gen if not args.demo and gen else str(g)), (enc if not args.demo and enc else str(e))
+    options = {"engines": args.engines} if args.engines else {}
+    runner = backends.load(args.backend, gen, enc, args.device, args.precision, **options)
+    images = torch.rand(batch, 6, 320, 320).to(runner.device, runner.dtype)
+    audio = torch.rand(batch, 32, 16, 16).to(runner.device, runner.dtype)
+    runner.generate(images, audio)
+    calls, t0 = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - t0 < seconds:
+        runner.generate(images, audio)
+        calls += 1
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    wall = time.perf_counter() - t0
+    return {"backend": runner.name, "device": str(runner.device), "batch": batch, "calls": calls,
+            "seconds": round(wall, 3), "fps": round(calls * batch / wall, 2)}
 
 
 # ---------------------------------------------------------------------------------------------- clients
@@ -255,7 +286,7 @@ def load_audio24(path: str | None, seconds: float, streams: int, seed: int = 0) 
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m lipsync_trt.bench serve",
         description="Latency and capacity of the streaming server: K concurrent real-time streams (one 40 ms "
                     "chunk every 40 ms each), K = 1, 2, 4, ... until the server falls behind. Writes a table "
@@ -277,13 +308,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     srv.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt, coreml (default auto)")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     srv.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    srv.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: the server's, 8)")
+    srv.add_argument("--max-batch", type=int, default=None,
+                     help="server --max-batch (default: the server's: 1 on a CPU, 8 on CUDA)")
     srv.add_argument("--max-wait-ms", type=float, default=None, help="server --max-wait-ms (default 10)")
     srv.add_argument("--max-queue", type=int, default=None, help="server --max-queue (default 50)")
     srv.add_argument("--max-delay-ms", type=float, default=None, help="server --max-delay-ms (default 1000; 0 = none)")
     srv.add_argument("--policy", default=None, choices=["reject", "skip"], help="server --policy (default reject)")
     run = p.add_argument_group("run")
     run.add_argument("--duration", type=float, default=10.0, help="seconds of audio per stream (default 10)")
+    run.add_argument("--generator-seconds", type=float, default=5.0,
+                     help="before the server starts, time the generator alone (same backend, device and batch as "
+                          "the server) for this long, as the mouths/s ceiling to compare with (default 5; 0 = skip)")
     run.add_argument("--streams", help="comma list of K to run, e.g. 1,2,4 (default: the ramp 1, 2, 4, ... up to "
                                        "--max-k, stopping after the first K that falls behind)")
     run.add_argument("--max-k", type=int, default=256, help="largest K of the ramp (default 256)")
@@ -355,6 +390,11 @@ def table(report: dict) -> str:
                     f"{lat.get('p99', float('nan')):>8.1f} {lat.get('max', float('nan')):>8.1f} {r['made_fps']:>9.1f} "
                     f"{r['needed_fps']:>7g}  {'keeps up' if r['keeps_up'] else 'behind: ' + ', '.join(r['why_not'])}")
     rows.append(f"largest K keeping up: {report['max_streams_keeping_up']}")
+    g = report.get("generator_only")
+    if g:
+        rows.append(f"generator alone ({g['backend']} {g['device']}, batch {g['batch']}): {g['fps']:.2f} frames/s; "
+                    "server mouths/s: " + ", ".join(f"K={r['k']} {r['made_fps']:.2f} ({r['made_fps'] / g['fps']:.0%})"
+                                                    for r in report["results"]))
     return "\n".join(rows)
 
 
@@ -374,6 +414,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lipsync_serve_bench_") as tmpdir:
         server, server_info = None, {"url": args.url}
         inputs = {"avatar": args.url or "?", "name": args.name}
+        generator = None
+        if args.generator_seconds > 0 and not args.url:
+            from ..serve.config import default_max_batch
+            from .. import backends
+
+            batch = args.max_batch or default_max_batch(backends.resolve_device(args.device))
+            generator = generator_only(args, Path(tmpdir), batch, args.generator_seconds)
+            log(f"generator alone: {generator['fps']} frames/s (batch {batch}, {generator['calls']} calls)")
         if not args.url:
             cmd, inputs = server_command(args, Path(tmpdir), max(ks))
             log("starting: " + " ".join(cmd))
@@ -423,6 +471,7 @@ def main(argv=None) -> int:
         "algorithmic_delay": {"chunks": "i + 11 (86 %) or i + 12 (14 %)", "ms_from_frame_start": [480, 520],
                               "note": "latency figures are beyond it: from the send of chunk ready_chunk(i)"},
         "results": results, "max_streams_keeping_up": max(kept) if kept else 0,
+        "generator_only": generator,
     }
     info["loadavg_end"] = loadavg()
     print(table(report))

@@ -2,7 +2,8 @@
 `python -m lipsync_trt serve`, with Ray's HTTP proxy taking the WebSockets and replicas (one per GPU) serving them.
 
 Each replica is the plain server's core (`serve.server.Server`: models, avatars, the cross-stream batcher, the
-protocol's `Connection`) behind a FastAPI ingress; this module is only the transport. A WebSocket is one request
+protocol's `serve.connection.Connection`, the HTTP answers of `serve.http`) behind a FastAPI ingress; this module is
+only the transport. A WebSocket is one request
 to Serve, so one replica serves a connection for its whole life. Importable for `serve run` / KubeRay:
 `lipsync_trt.distributed.serve_app:build` with args {"argv": "<the serve command's options>"}.
 """
@@ -11,16 +12,19 @@ to Serve, so one replica serves a connection for its whole life. Importable for 
 import shlex
 
 from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from ray import serve
 
-from ..serve.server import STATIC, ServeConfig, Server, load_models
+from ..serve import http
+from ..serve.config import ServeConfig, load_models
+from ..serve.http import STATIC
+from ..serve.server import Server
 
 ingress = FastAPI(title="lipsync_trt", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 class _Socket:
-    """What `Connection` uses of an aiohttp WebSocket (send_bytes, close, closed) over a Starlette one."""
+    """A `serve.connection.Socket` (send_bytes, close, closed) over a Starlette WebSocket."""
 
     def __init__(self, ws: WebSocket):
         self.ws, self.closed = ws, False
@@ -43,23 +47,16 @@ class _Socket:
             pass
 
 
-class _Match:
-    """What the plain server's JSON handlers read of an aiohttp request: the route's match_info."""
-
-    def __init__(self, **match_info: str):
-        self.match_info = match_info
-
-
-async def _json(handler, **match_info) -> Response:
-    """Run one of the plain server's aiohttp JSON handlers (avatars.json, meta.json, stats) and return its answer
-    as a Starlette response, so both transports serve the same bodies."""
-    from aiohttp import web
+def _json(fn, *args, **extra) -> Response:
+    """One of the plain server's answers (serve/http.py) as a Starlette response, serialized as aiohttp's
+    json_response does (json.dumps' defaults), so both transports send the same bytes; a missing name or frame is a
+    404 with the same text."""
+    import json
 
     try:
-        r = await handler(_Match(**match_info))
-    except web.HTTPException as exc:
-        return Response(exc.text or exc.reason, status_code=exc.status)
-    return Response(r.body, status_code=r.status, media_type=r.content_type)
+        return Response(json.dumps({**fn(*args), **extra}), media_type="application/json")
+    except http.NotFound as exc:
+        return Response(str(exc), status_code=404)
 
 
 @serve.deployment(name="lipsync", health_check_period_s=10, graceful_shutdown_timeout_s=5)
@@ -74,7 +71,7 @@ class Replica:
         self._started = False
 
     async def _start(self) -> None:
-        if not self._started:       # the scheduler and the idle sweep run on this replica's event loop
+        if not self._started:       # the model worker and the idle sweep run on this replica's event loop
             self._started = True
             await self.server.start()
 
@@ -109,32 +106,38 @@ class Replica:
 
     @ingress.get("/avatars.json")
     async def avatars(self):
-        return await _json(self.server.get_avatars)
+        return _json(http.avatars, self.server)
 
     @ingress.get("/avatar/{name}/meta.json")
     async def meta(self, name: str):
-        return await _json(self.server.get_meta, name=name)
+        return _json(http.meta, self.server, name)
 
     @ingress.get("/avatar/{name}/frame/{n}.jpg")
     async def frame(self, name: str, n: str):
-        entry = self.server.entries.get(name)
-        if entry is None or not n.isdigit() or not 0 <= int(n) < entry.avatar.count:
-            return Response("no such frame", status_code=404)
-        return FileResponse(entry.avatar.frame_path(int(n)), headers={"Cache-Control": "max-age=3600"})
+        try:
+            path = http.frame_path(self.server, name, n)
+        except http.NotFound as exc:
+            return Response(str(exc), status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
 
     @ingress.get("/stats")
     async def stats(self):
         """This replica's streams and counters (Ray routes the request to any one replica; `replica_pid` says
         which)."""
-        import json
         import os
 
-        r = await _json(self.server.get_stats)
-        return JSONResponse({**json.loads(r.body), "replica_pid": os.getpid()})
+        return _json(http.stats, self.server, replica_pid=os.getpid())
+
+    @ingress.get("/metrics")
+    async def metrics(self):
+        """This replica's metrics (Prometheus text; a scraper reaches each replica through Ray's own metrics or
+        one request per replica)."""
+        body, content_type = http.metrics(self.server)
+        return Response(body, media_type=content_type.split(";")[0], headers={"Content-Type": content_type})
 
     def check_health(self) -> None:
         """Ray Serve's health probe: the model worker must be alive (a replica without it is replaced)."""
-        if self._started and not self.server.scheduler.batcher.alive:
+        if self._started and not self.server.packer.batcher.alive:
             raise RuntimeError("the batcher's model thread has stopped")
 
     async def __del__(self) -> None:

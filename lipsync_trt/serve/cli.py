@@ -28,8 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8084, help="port (default 8084; 0 = any free port, printed at start)")
     add_backend_args(p)
     add_blend_arg(p)
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="most frames per generator call, taken across all streams that share a generator (default 8)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="most frames per generator call, taken across all streams that share a generator (default: "
+                        "1 on a CPU, where the generator is fastest one frame at a time; 8 on CUDA)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
                    help="longest a ready frame waits for a fuller batch (default 10 ms)")
     p.add_argument("--max-streams", type=int, default=64, metavar="N",
@@ -93,7 +94,7 @@ def _split(spec: str, flag: str) -> tuple[str | None, str]:
 
 
 def config_from_args(args: argparse.Namespace, tmpdir: str | None = None):
-    from .server import ServeConfig
+    from .config import ServeConfig
 
     avatars: dict[str, str] = {}
     for spec in args.avatar:

@@ -1,6 +1,7 @@
-"""The server's side of batching: the library's `batcher.Batcher` (one model worker for every stream: encoder and
-generator in batches, queue bound, deadline, reject/skip) plus a small thread pool that turns the mouths it makes
-into JPEG + ZIP answers, off the event loop.
+"""The server's models and its side of batching: `ModelEntry` (an avatar served, its generator's runner and its
+template cache) and `Packer`: the library's `batcher.Batcher` (one model worker for every stream: encoder and
+generator in batches, queue bound, deadline, reject/skip) plus a small thread pool that packs the mouths it makes
+into JPEG + ZIP answers, off the event loop. It schedules nothing itself: the batcher decides what runs when.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from ..avatar import Avatar
 from ..backends.base import Runner
 from ..batcher import POLICIES, Batcher
 from ..compose import TemplateCrops
+from .metrics import LATENCY_BUCKETS, Histogram
 from .protocol import Status, encode_response, error_response, frame_zip
 from .session import FRAME, Stream
 
-__all__ = ["POLICIES", "ModelEntry", "Scheduler", "encode_jpeg"]
+__all__ = ["POLICIES", "ModelEntry", "Packer", "encode_jpeg"]
 
 
 @dataclass
@@ -52,8 +54,9 @@ def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-class Scheduler:
-    """A Batcher for the server's streams and the JPEG/ZIP pool their mouths go through."""
+class Packer:
+    """The server's Batcher (`batcher`, shared by its streams) and the JPEG/ZIP pool their mouths go through, with the
+    ready-to-answer latency of each packed frame (`latency`: the recent ones; `latency_histogram`: all, /metrics)."""
 
     def __init__(self, encoder: Runner, max_batch: int = 8, max_wait: float = 0.010, max_queue: int = 50,
                  policy: str = "reject", jpeg_quality: int = 95, encode_threads: int = 2,
@@ -64,8 +67,9 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=max(1, encode_threads), thread_name_prefix="lipsync-jpeg")
         self.stats = self.batcher.stats
         self.latency = collections.deque(maxlen=10000)     # seconds from frame ready to ZIP done
+        self.latency_histogram = Histogram(LATENCY_BUCKETS)
 
-    def start(self) -> "Scheduler":
+    def start(self) -> "Packer":
         self.batcher.start()
         return self
 
@@ -86,5 +90,7 @@ class Scheduler:
             msg = encode_response(Status.OK, i, frame_zip(jpeg, box))
         except Exception as exc:
             jpeg, msg = None, error_response(Status.INTERNAL, i, f"encoding failed: {exc}"[:200])
-        self.latency.append(time.perf_counter() - t_ready)
+        dt = time.perf_counter() - t_ready
+        self.latency.append(dt)
+        self.latency_histogram.observe(dt)
         stream.post(i, (FRAME, msg, jpeg, box))

@@ -193,7 +193,7 @@ class Session:
         if not incoming:
             raise OfferError("the offer sends no audio track")
         door, cfg = self.door, self.door.cfg
-        live = door.lipsync(self.model).live(rate=RATE, batcher=door.server.scheduler.batcher)
+        live = door.lipsync(self.model).live(rate=RATE, batcher=door.server.packer.batcher)
         gate = M.Gate(live.rate, door.silence_db, HANGOVER_S, PREROLL_S)
         self.media = media = M.Media(live, door.size, door.wait_s, gate)
         pc.addTrack(media.audio)
