@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 
 from ..errors import UsageError
@@ -18,6 +19,9 @@ RATE = 48000                 # the live stream's rate: what Opus decodes to and 
 HANGOVER_S = 0.5             # audio quieter than --webrtc-silence-db is not pushed once this much of it followed
                              # the last louder piece (shorter pauses inside speech are pushed as they are)
 PREROLL_S = 0.06             # quiet audio pushed before an onset: its soft start, and margin against jitter
+CONNECT_S = 30.0             # an answered peer whose media has not started by then is dropped (its slot freed)
+MAX_OFFER_BYTES = 1 << 16    # POST /offer bodies (the app's client_max_size; a browser's offer is 3-8 KB)
+MEDIA_KINDS = {"audio": 1, "video": 1, "application": 1}   # media sections an offer may have, per kind
 PAGE = Path(__file__).resolve().parent / "static" / "webrtc.html"
 EXTRA = "pip install 'lipsync_trt[webrtc]'"
 
@@ -79,6 +83,7 @@ class Door:
         self.wait_s = self.cfg.webrtc_wait_ms / 1000
         self.silence_db = self.cfg.webrtc_silence_db
         self.sessions: set[Session] = set()
+        self.closing = False
         self._lipsyncs: dict = {}
 
     def lipsync(self, name: str):
@@ -96,23 +101,38 @@ class Door:
         return web.FileResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
     async def offer(self, request):
-        """POST /offer: 400 for a malformed request or SDP, 404 for an unknown model, 503 when the server is full;
-        otherwise the answer. Never a traceback."""
+        """POST /offer: 400 for a malformed request or SDP, 404 for an unknown model, 413 for a body over
+        MAX_OFFER_BYTES, 503 when the server is full or shutting down; otherwise the answer. Never a traceback."""
+        from aiohttp import web
+
         srv = self.server
         srv.stats["webrtc_offers"] += 1
+        if self.closing:
+            return _error(503, "the server is shutting down")
         try:
-            params = await request.json()
-        except Exception:
+            if (request.content_length or 0) > MAX_OFFER_BYTES:
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_OFFER_BYTES, actual_size=request.content_length)
+            params = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            srv.stats["webrtc_bad_offers"] += 1
+            return _error(413, f"the offer is too large: at most {MAX_OFFER_BYTES} bytes")
+        except (ValueError, RecursionError):          # not UTF-8, not JSON, nested too deeply
+            srv.stats["webrtc_bad_offers"] += 1
             return _error(400, 'the body must be JSON: {"sdp": "...", "type": "offer", "model": "AVATAR"}')
         if not isinstance(params, dict):
+            srv.stats["webrtc_bad_offers"] += 1
             return _error(400, 'the body must be a JSON object: {"sdp": "...", "type": "offer", "model": "AVATAR"}')
         sdp, kind, model = params.get("sdp"), params.get("type"), params.get("model")
+        problem = None
         if kind != "offer":
-            return _error(400, f'"type" must be "offer", got {str(kind)[:40]!r}')
-        if not isinstance(sdp, str) or not sdp.strip():
-            return _error(400, '"sdp" must be the offer\'s SDP text')
-        if not isinstance(model, str):
-            return _error(400, f'"model" must be an avatar name: {", ".join(sorted(srv.entries))}')
+            problem = f'"type" must be "offer", got {_short(kind)}'
+        elif not isinstance(sdp, str) or not sdp.strip():
+            problem = f'"sdp" must be the offer\'s SDP text, got {_short(sdp)}'
+        elif not isinstance(model, str):
+            problem = f'"model" must be an avatar name ({", ".join(sorted(srv.entries))}), got {_short(model)}'
+        if problem:
+            srv.stats["webrtc_bad_offers"] += 1
+            return _error(400, problem)
         if model not in srv.entries:
             srv.stats["error_unknown_model"] += 1
             return _error(404, f"unknown model {model[:64]!r}; this server has: {', '.join(sorted(srv.entries))}")
@@ -124,20 +144,43 @@ class Door:
         self.sessions.add(session)
         try:
             answer = await session.negotiate(sdp)
-        except OfferError as exc:
-            await session.close(str(exc))
+        except asyncio.CancelledError:                # the client went away mid-answer: the slot is freed
+            asyncio.ensure_future(session.close("the offer's request was cancelled"))
+            raise
+        except Exception as exc:
+            answer, error = None, exc
+        else:
+            error = None
+        if self.closing or (session.closed and error is None):   # shut down (or the peer went) while answering
+            await session.close("server shutdown" if self.closing else "closed")
+            return _error(503, "the server is shutting down" if self.closing else
+                          f"the peer closed while answering: {session.reason}")
+        if isinstance(error, OfferError):
+            await session.close(str(error))
             srv.stats["webrtc_bad_offers"] += 1
-            return _error(400, str(exc))
-        except Exception as exc:                      # a bug or an unexpected aiortc failure: one line, slot freed
-            log.exception("webrtc offer failed")
-            await session.close(f"internal error: {exc}")
+            return _error(400, str(error))
+        if error is not None:                         # a bug or an unexpected aiortc failure: one line, slot freed
+            log.error("webrtc offer failed", exc_info=error)
+            await session.close(f"internal error: {error}")
             srv.stats["error_internal"] += 1
-            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return _error(500, f"internal error: {type(error).__name__}: {error}")
         srv.stats["webrtc_streams"] += 1
         return _json(answer)
 
     async def shutdown(self) -> None:
+        """Refuse new offers (503) and close every peer; the server's hook, before the model worker stops."""
+        self.closing = True
         await asyncio.gather(*[s.close("server shutdown") for s in list(self.sessions)], return_exceptions=True)
+
+
+def _short(value) -> str:
+    """A JSON value named in an error: its type, and its start when it is a string."""
+    if isinstance(value, str):
+        return repr(value[:40] + ("..." if len(value) > 40 else ""))
+    return "nothing" if value is None else f"a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}"
+
+
+_JSON_TYPES = {dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
 
 
 def _json(body: dict):
@@ -171,15 +214,27 @@ class Session:
         from aiortc.sdp import SessionDescription
 
         try:
-            media = {m.kind: m.direction for m in SessionDescription.parse(sdp).media}
+            sections = SessionDescription.parse(sdp).media
             offer = RTCSessionDescription(sdp=sdp, type="offer")
         except Exception as exc:
             raise OfferError(f"bad SDP: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if not sections:
+            raise OfferError("bad SDP: no media section (m= line); the offer must send audio and receive video")
+        counts = Counter(m.kind for m in sections)
+        extra = {k: n for k, n in counts.items() if n > MEDIA_KINDS.get(k, 0)}
+        if extra:
+            raise OfferError("the offer's SDP has media sections this door does not take: "
+                             + ", ".join(f"{n} {k}" for k, n in sorted(extra.items()))
+                             + " (at most one audio, one video and one data channel)")
+        if any(m.dtls is None or not m.dtls.fingerprints for m in sections):
+            raise OfferError("bad SDP: a media section has no DTLS fingerprint (a=fingerprint): the media could "
+                             "not be encrypted")
+        media = {m.kind: m.direction for m in sections}
         if media.get("audio") != "sendrecv":   # the offer's own view: it sends its audio and receives the voice
-            raise OfferError("the offer must have an audio m-line with direction sendrecv (the caller's audio in, "
-                             f"the avatar's voice out), got {media.get('audio') or 'none'}")
+            raise OfferError("the offer's SDP must have an audio m-line with direction sendrecv (the caller's audio "
+                             f"in, the avatar's voice out), got {media.get('audio') or 'none'}")
         if media.get("video") not in ("recvonly", "sendrecv"):
-            raise OfferError("the offer must receive video: a video m-line recvonly or sendrecv, got "
+            raise OfferError("the offer's SDP must receive video: a video m-line recvonly or sendrecv, got "
                              f"{media.get('video') or 'none'}")
         self.pc = pc = RTCPeerConnection()
         incoming: list = []
@@ -198,11 +253,14 @@ class Session:
         self.media = media = M.Media(live, door.size, door.wait_s, gate)
         pc.addTrack(media.audio)
         pc.addTrack(media.video)
-        answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:                      # e.g. no codec in common
+            raise OfferError(f"cannot answer this offer: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         self._spawn(media.clock(), "clock")
         self._spawn(media.pump(incoming[0], cfg.stream_idle_s), "pump")
         self._spawn(self._report(), None)
+        self._spawn(self._deadline(CONNECT_S), None)
         return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
 
     def _spawn(self, coro, name: str | None) -> None:
@@ -235,6 +293,16 @@ class Session:
         def on_message(message):
             if message == "interrupt" and self.media is not None and not self.closed:
                 self.media.interrupt()
+
+    async def _deadline(self, seconds: float) -> None:
+        """An answered peer whose media has not started (DTLS up, the tracks pulled) within `seconds` is dropped:
+        a client that posted an offer and never connected does not keep its slot."""
+        try:
+            await asyncio.wait_for(self.media.started.wait(), seconds)
+        except asyncio.TimeoutError:
+            self.door.server.stats["webrtc_not_connected"] += 1
+            asyncio.ensure_future(self.close(f"not connected within {seconds:g} s"))   # not inside this task:
+                                                                                      # close() cancels it
 
     async def _report(self) -> None:
         while True:
