@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_args import Parser
 from ..serve import client
 from ..serve.protocol import CHUNK_SAMPLES, CHUNK_SECONDS, STREAM_RATE, Status
 from ..serve.session import ready_chunk
@@ -286,7 +285,7 @@ def load_audio24(path: str | None, seconds: float, streams: int, seed: int = 0) 
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(
+    p = argparse.ArgumentParser(
         prog="python -m lipsync_trt.bench serve",
         description="Latency and capacity of the streaming server: K concurrent real-time streams (one 40 ms "
                     "chunk every 40 ms each), K = 1, 2, 4, ... until the server falls behind. Writes a table "
@@ -392,7 +391,8 @@ def table(report: dict) -> str:
     rows.append(f"largest K keeping up: {report['max_streams_keeping_up']}")
     g = report.get("generator_only")
     if g:
-        rows.append(f"generator alone ({g['backend']} {g['device']}, batch {g['batch']}): {g['fps']:.2f} frames/s; "
+        rows.append(f"generator alone ({g['backend']} {g['device']}, batch {g['batch']}): {g['fps']:.2f} frames/s "
+                    f"(before/after the server: {g['before']['fps']:.2f}/{g['after']['fps']:.2f}); "
                     "server mouths/s: " + ", ".join(f"K={r['k']} {r['made_fps']:.2f} ({r['made_fps'] / g['fps']:.0%})"
                                                     for r in report["results"]))
     return "\n".join(rows)
@@ -420,8 +420,8 @@ def main(argv=None) -> int:
             from .. import backends
 
             batch = args.max_batch or default_max_batch(backends.resolve_device(args.device))
-            generator = generator_only(args, Path(tmpdir), batch, args.generator_seconds)
-            log(f"generator alone: {generator['fps']} frames/s (batch {batch}, {generator['calls']} calls)")
+            generator = {"before": generator_only(args, Path(tmpdir), batch, args.generator_seconds)}
+            log(f"generator alone: {generator['before']['fps']} frames/s (batch {batch})")
         if not args.url:
             cmd, inputs = server_command(args, Path(tmpdir), max(ks))
             log("starting: " + " ".join(cmd))
@@ -460,6 +460,13 @@ def main(argv=None) -> int:
             if server is not None:
                 server_info["log_tail"] = "".join(server.lines[-20:])
                 server.stop()
+        if generator:     # again once the server is gone: on a shared machine the load moves during a run
+            generator["after"] = generator_only(args, Path(tmpdir), generator["before"]["batch"],
+                                                args.generator_seconds)
+            fps = [generator[k]["fps"] for k in ("before", "after")]
+            generator.update({k: generator["before"][k] for k in ("backend", "device", "batch")},
+                             fps=round(sum(fps) / 2, 2))
+            log(f"generator alone after the server: {fps[1]} frames/s; mean {generator['fps']}")
     kept = [r["k"] for r in results if r["keeps_up"]]
     report = {
         "schema": SCHEMA, "created": created,
