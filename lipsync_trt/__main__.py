@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli_args import add_backend_args, add_blend_arg
+from .cli_args import Parser, add_backend_args, add_blend_arg
 from .errors import OutputError, UsageError, run_command   # (imports nothing heavy: see main)
 
 
@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import video as V
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lipsync-trt",
         description="SyncTalk_2D lip-sync inference: turn speech audio into a talking-head video of a trained avatar.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -19,6 +19,7 @@ import atexit
 import collections
 import enum
 import logging
+import math
 import threading
 import time
 import weakref
@@ -89,6 +90,8 @@ class Batcher:
                  policy: str = "reject", max_delay: float | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r}: expected one of {POLICIES}")
+        if not math.isfinite(max_wait):
+            raise ValueError(f"max_wait {max_wait!r}: expected a finite number of seconds")
         self.encoder, self.max_batch, self.max_wait = encoder, max(1, max_batch), max(0.0, max_wait)
         self.max_queue = None if max_queue is None else max(1, max_queue)
         self.max_delay = max_delay if max_delay and max_delay > 0 else None   # seconds; None: no deadline
@@ -98,6 +101,8 @@ class Batcher:
         self._gen: collections.deque = collections.deque()
         self._inflight: dict[int, int] = {}        # id(client) -> frames queued and not yet answered
         self._stop = False
+        self._died: str | None = None                # why the worker thread ended by an error (it takes no more work)
+        self._clients: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # id -> every client given work
         self._thread: threading.Thread | None = None
         self.stats = collections.Counter()
         self.batch_sizes = collections.Counter()   # generator calls by batch size (the server's /metrics)
@@ -126,8 +131,8 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        """Whether the worker runs (or will, at the first work) and has not been stopped."""
-        return not self._stop and (self._thread is None or self._thread.is_alive())
+        """Whether the worker runs (or will, at the first work) and has not been stopped (nor died)."""
+        return not self._stop and self._died is None and (self._thread is None or self._thread.is_alive())
 
     def encode(self, client, first: int, windows: torch.Tensor, n_windows: int | None = None,
                t_arrived: float | None = None) -> None:
@@ -135,6 +140,8 @@ class Batcher:
         self._check_alive()
         self.start()
         with self._cond:
+            self._check_alive()
+            self._clients[id(client)] = client
             self._enc.append((client, first, windows, n_windows, t_arrived or time.perf_counter()))
             self._cond.notify_all()
 
@@ -145,10 +152,14 @@ class Batcher:
         now = time.perf_counter()
         admitted = [j for j in (self._admit(client, i, t, a, now, t_arrived or now) for i, t, a in jobs) if j]
         with self._cond:
+            self._check_alive()
+            self._clients[id(client)] = client
             self._gen.extend(admitted)
             self._cond.notify_all()
 
     def _check_alive(self) -> None:
+        if self._died is not None:
+            raise StreamError(f"the model worker died ({self._died}): it takes no more work")
         if self._stop:
             raise StreamError("the batcher was stopped: it takes no more work")
 
@@ -159,6 +170,31 @@ class Batcher:
 
     # -- the worker
     def _run(self) -> None:
+        """The worker loop; if it ends by any error (one that escaped the per-batch handlers, a BaseException from a
+        runtime, an OverflowError in a wait), every client it had work from is answered FAILED, so no stream waits
+        for answers that never come, and later work is refused (`alive` turns False)."""
+        try:
+            self._loop()
+        except BaseException as exc:   # (the thread ends here either way: answer, log, and let it end)
+            self._die(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+            log.error("batcher: the worker died", exc_info=True)
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self._died = reason
+            self._enc.clear()
+            self._gen.clear()
+            self._inflight.clear()
+            clients = list(self._clients.values())
+            self._clients.clear()
+            self._cond.notify_all()
+        for client in clients:
+            try:
+                self._fail(client, f"the model worker died: {reason}")
+            except Exception:
+                log.exception("batcher: a client failed on its FAILED answer")
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and not self._enc and not self._gen:
@@ -181,7 +217,7 @@ class Batcher:
                     if self._gen and not self._enc and not self._stop:   # wait until the oldest is max_wait old
                         wait = self._gen[0].t_ready + self.max_wait - time.perf_counter()
                         if wait > 0:
-                            self._cond.wait(wait)
+                            self._cond.wait(min(wait, 1.0))   # (re-checked each second: never a huge timeout)
                     continue
             try:
                 for j in late:

@@ -20,6 +20,7 @@ from lipsync_trt.bench.configs import backend_names, configurations, runner_opti
 from lipsync_trt.bench.inputs import frames_for_samples
 from lipsync_trt.bench.measure import summarize
 from lipsync_trt.bench.report import check_report, compare
+from lipsync_trt.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def test_quick_defaults():
     assert (args.frames, args.repeat, args.warmup) == (1, 2, 0)
     args = parse_args(["--demo"])
     assert (args.frames, args.repeat, args.warmup) == (32, 3, 1)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match=r"--frames must be within 1\.\.1000000"):   # (cli_args.BOUNDS)
         parse_args(["--demo", "--frames", "0"])
 
 

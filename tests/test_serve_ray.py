@@ -164,7 +164,7 @@ def test_shutdown_closes_open_websockets_and_stops_the_replicas(ray_serve):
     ray.shutdown()
 
 
-@pytest.mark.parametrize("bad,pattern", [(["--max-batch", "0"], "--max-batch must be at least 1"),
+@pytest.mark.parametrize("bad,pattern", [(["--max-batch", "0"], "--max-batch must be within 1..1024"),
                                          (["--avatar", "x=/nonexistent/avatar"], "avatar folder not found")])
 def test_bad_options_fail_in_one_line_before_ray_starts(demo, capsys, bad, pattern):
     import ray

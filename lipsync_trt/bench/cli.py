@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli_args import Parser
 from .analysis import analyse
 from .commands import listing
 from .flops import count_flops, matmul_peak
@@ -34,7 +35,7 @@ DEFAULTS = {"frames": 32, "repeat": 3, "warmup": 1, "audio_seconds": 5.0}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, with --quick or the defaults filled in where not given."""
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench [offline]",
+    p = Parser(prog="python -m lipsync_trt.bench [offline]",
                                 description="Compare backends, batch sizes and stages against the SyncTalk_2D "
                                             "baseline;\nwrites a table (stdout), a JSON and a PNG plot.",
                                 epilog=listing(), formatter_class=argparse.RawDescriptionHelpFormatter)

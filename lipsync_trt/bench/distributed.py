@@ -6,7 +6,6 @@ serve: the plain server and `serve --ray local` (1 replica) running at once, the
 algorithmic delay, p50/p99)."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -14,6 +13,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from ..cli_args import Parser
 
 BENCHMARK = ("distributed", "Ray's cost: batch jobs without Ray vs on Ray workers, the server vs serve --ray "
                             "(subcommands batch, serve)")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     if argv[:1] == ["batch"]:
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench distributed batch", description=__doc__)
+    p = Parser(prog="python -m lipsync_trt.bench distributed batch", description=__doc__)
     p.add_argument("--jobs", type=int, default=4, help="jobs per batch (default 4)")
     p.add_argument("--seconds", type=float, default=1.0, help="seconds of demo speech per job (default 1.0)")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to measure (default 1,2)")
@@ -141,7 +142,7 @@ def serve_main(argv: list[str]) -> int:
     import signal
     import subprocess
 
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench distributed serve", description=__doc__)
+    p = Parser(prog="python -m lipsync_trt.bench distributed serve", description=__doc__)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--device", default="cpu")
     p.add_argument("--pace", type=float, default=0.2, help="seconds between chunks (default 0.2: 5 frames/s)")

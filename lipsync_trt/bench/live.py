@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import Parser
 from .. import api, backends
 from .. import avatar as AV
 from ..demo import demo_checkpoints, make_demo, make_speech
@@ -98,7 +99,7 @@ def push_latency(ls, rate: int, pushes: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lipsync_trt.bench live", description=__doc__,
+    ap = Parser(prog="python -m lipsync_trt.bench live", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--avatar", default=None, help="avatar folder (default: the synthetic demo avatar)")
     ap.add_argument("--backend", default="onnxruntime" if backends.available()["onnxruntime"].usable else "torch")

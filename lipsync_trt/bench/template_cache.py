@@ -12,7 +12,6 @@ Demo weights (speed does not depend on weight values); sanders from ../shared wh
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli_args import Parser
 from .. import audio as A
 from .. import avatar as AV
 from .. import backends, compose, pipeline
@@ -48,7 +48,7 @@ def mouths_work(avatar, frames: int, batch: int, size: int | None) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lipsync_trt.bench template-cache",
+    ap = Parser(prog="python -m lipsync_trt.bench template-cache",
                                  description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     ap.add_argument("--avatar", default=str(REPO.parent / "shared" / "datasets" / "sanders"),
                     help="avatar folder (default ../shared/datasets/sanders)")

@@ -14,6 +14,8 @@ Modules: `export` (ONNX export + structural check), `verify` (ONNX Runtime vs Py
 here imports `lipsync_trt.backends`.
 """
 import importlib
+import sys
+import types
 
 _WHERE = {"AUDIO_ENCODER": "..models.io", "GENERATOR": "..models.io",
           "DEFAULT_BATCH": ".builder", "DEFAULT_OUT": ".builder", "PRECISIONS": ".builder", "TARGETS": ".builder",
@@ -30,6 +32,19 @@ def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'lipsync_trt.build' has no attribute {name!r}")
     return getattr(importlib.import_module(_WHERE[name], __name__), name)
+
+
+class _Package(types.ModuleType):
+    """This package, whose exported names stay the functions when a submodule of the same name is imported (the
+    import system sets `lipsync_trt.build.verify` to the module verify.py, which would hide the function verify)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["AUDIO_ENCODER", "DEFAULT_BATCH", "DEFAULT_OUT", "FORMAT", "GENERATOR", "OPSET", "PRECISIONS", "TARGETS",

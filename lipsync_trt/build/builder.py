@@ -27,6 +27,9 @@ TARGETS = ("onnx", "tensorrt", "coreml", "all")
 PRECISIONS = ("fp32", "fp16")
 
 
+MAX_BATCH = 4096   # the largest batch profile accepted (as generate's --batch-size bound, cli_args.BOUNDS)
+
+
 def parse_batch(text: str | tuple | list | None) -> tuple[int, int, int]:
     """'MIN:OPT:MAX' (or one number N = N:N:N) -> (min, opt, max) with 1 <= min <= opt <= max."""
     if text is None:
@@ -41,8 +44,8 @@ def parse_batch(text: str | tuple | list | None) -> tuple[int, int, int]:
         lo, opt, hi = (int(p) for p in parts)
     except ValueError:
         raise UsageError(f"--batch {text!r}: expected MIN:OPT:MAX integers, e.g. 1:4:16") from None
-    if not 1 <= lo <= opt <= hi:
-        raise UsageError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
+    if not 1 <= lo <= opt <= hi <= MAX_BATCH:
+        raise UsageError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}")
     return lo, opt, hi
 
 

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .builder import build
+    from .builder import build, parse_batch
 
+    parse_batch(args.batch)   # a bad --batch before the demo's checkpoints are made or anything loads
     if args.demo:
         if args.generator or args.audio_encoder:
             raise UsageError("--demo makes its own checkpoints; leave out --generator/--audio-encoder")
