@@ -204,6 +204,7 @@ def test_audio_is_the_sent_audio_delayed_by_the_lookahead(server, tmp_path):
     assert c["frames"] == c["speech"] + c["idle"] and c["idle"] > 0 and c["speech"] > 0, c
 
 
+@pytest.mark.slow    # ~30 s on a 2-core CPU: 25 speech frames generated at ~7 frames/s, the clock waiting for them
 def test_leading_silence_is_the_template_and_speech_generated(patient_server, avatar, tmp_path):
     """Frames received before the speech was sent are the avatar's template frames, in the recipe's ping-pong
     order, face box included; frames carrying the speech have a generated mouth: the box differs from that frame's
@@ -515,6 +516,7 @@ def test_offers_after_shutdown_are_503(demo_files, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+@pytest.mark.slow    # a subprocess server command
 def test_cli_without_aiortc_exits_2(tmp_path):
     """`serve --webrtc` where aiortc cannot be imported: exit 2 and one line naming the extra."""
     fake = tmp_path / "aiortc"
@@ -528,6 +530,7 @@ def test_cli_without_aiortc_exits_2(tmp_path):
     assert "lipsync_trt[webrtc]" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow    # subprocess server commands (the first builds the demo files: ~30 s)
 @pytest.mark.parametrize("args, text", [(["--webrtc-size", "17x9"], "--webrtc-size '17x9'"),
                                         (["--webrtc-wait-ms", "-1"], "--webrtc-wait-ms"),
                                         (["--webrtc", "--ray", "local"], "--webrtc is served by the plain server")])
@@ -535,3 +538,57 @@ def test_cli_bad_webrtc_options_exit_2(args, text):
     r = subprocess.run([sys.executable, "-m", "lipsync_trt", "serve", "--demo", "--webrtc", *args, "--port", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+CHROMIUM = "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_chromium_plays_the_webrtc_page(server, tmp_path):
+    """Headless Chromium opens /webrtc.html, clicks Microphone (its fake capture device plays a WAV of speech in a
+    loop), and its <video> decodes the avatar's video at its size with the voice track; the page's readouts come
+    from the server's data channel (speech frames counted) and getStats."""
+    import cv2
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
+    from lipsync_trt.demo import make_speech, write_wav
+
+    mic = write_wav(tmp_path / "mic.wav", np.concatenate([np.zeros(RATE // 2, np.float32),
+                                                          make_speech(2.0, rate=RATE, seed=5)]), RATE)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required",
+                  "--no-sandbox"])
+        try:
+            pg = browser.new_page(viewport={"width": 1200, "height": 800})
+            console: list[str] = []
+            pg.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            pg.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            pg.goto(server.url + "webrtc.html")
+            pg.wait_for_function("() => window.webrtcState && webrtcState.avatars.length === 1", timeout=15000)
+            pg.click("#mic")
+            pg.wait_for_function("() => webrtcState.connection === 'connected' || webrtcState.errors.length",
+                                 timeout=30000)
+            pg.wait_for_function("() => webrtcState.framesDecoded >= 50 || webrtcState.errors.length", timeout=60000)
+            pg.wait_for_function("() => (webrtcState.server && webrtcState.server.speech > 0) || "
+                                 "webrtcState.errors.length", timeout=30000)
+            s = pg.evaluate("() => JSON.parse(JSON.stringify(window.webrtcState))")
+            tracks = pg.evaluate("() => document.getElementById('video').srcObject.getTracks()"
+                                 ".map((t) => [t.kind, t.readyState])")
+            shot = cv2.imdecode(np.frombuffer(pg.locator("#video").screenshot(), np.uint8), cv2.IMREAD_COLOR)
+            pg.click("#stop")
+        finally:
+            browser.close()
+    print(f"page state {s}; tracks {tracks}")
+    assert s["errors"] == [] and not [m for m in console if m.startswith(("pageerror", "error"))], (s, console)
+    assert s["source"] == "mic" and s["framesDecoded"] >= 50, s
+    assert (s["videoWidth"], s["videoHeight"]) == (256, 192) and s["currentTime"] > 0, s
+    assert sorted(tracks) == [["audio", "live"], ["video", "live"]], tracks
+    assert s["server"]["speech"] > 0 and s["latency"] and s["latency"]["total"] > 0, s
+    assert shot.std() > 5                                           # the video element shows a picture
+    assert wait_for(lambda: not server.server.active, 10), server.server.active      # Stop closed the peer
