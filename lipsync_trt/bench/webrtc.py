@@ -2,12 +2,14 @@
 
 Latency: one peer sends a WAV (silence, then bursts of demo speech each after --gap seconds of silence) through
 aiortc's MediaPlayer; every frame it sends and receives is stamped with the wall clock. The received audio is
-placed on the server's timeline by its RTP timestamps (frame k's audio is samples [k, k+1) x rate/25) and
-cross-correlated with the sent audio, which gives the audio delay; each burst's onset (its first non-zero sample)
-is then found on the timeline, and the video frame carrying it is frame k_on (the same media clock). Reported per
-onset: sent -> onset heard (the received audio), sent -> its mouth (video frame k_on received), and sent -> first
-changed mouth (the first received frame after the onset whose face box differs from the template: the mouth starts
-moving before its sound, by the recipe's receptive field). Late frames: the server's counts over the data channel.
+placed on the server's timeline by its RTP timestamps (frame k's audio is samples [k, k+1) x rate/25); each
+burst (from its onset, its first non-zero sample) is found in it by cross-correlating 1 ms envelopes, which gives
+that burst's delay, and the video frame carrying its onset is frame k_on (the same media clock). Reported per
+onset: sent -> onset heard (the received audio), sent -> its frame (video frame k_on received, and whether its
+face box differs from the template, i.e. was generated, or came late as the template), sent -> first changed
+mouth (the first received frame from k_on - 12 on whose face box differs from the template: the mouth starts
+moving before its sound, by the recipe's receptive field), and how many of the burst's frames were generated.
+Late frames: the server's counts over the data channel.
 
 Idle CPU: K peers send silence for --seconds; the server process's CPU time (utime + stime from /proc) over that
 window, minus the same window with no peer, divided by K.
@@ -209,6 +211,26 @@ def audio_match(sent: np.ndarray, got: np.ndarray) -> dict:
             "gain": float(np.median(eb[loud] / ea[loud])) if loud.any() else float("nan")}
 
 
+LAG_BACK_MS, LAG_AHEAD_MS = 200, 2000   # a burst is looked for this far before / after the previous burst's lag
+
+
+def local_lag(piece: np.ndarray, got: np.ndarray, center: int, lo_ms: int, hi_ms: int) -> int:
+    """Where `piece` starts in `got`, searched within [center + lo_ms, center + hi_ms] (1 ms envelopes, the
+    normalized correlation's peak): bursts of speech look alike to a global search, so each is found near where
+    the previous burst was (later when the server's clock fell behind), the first from lag 0 on."""
+    n = RATE // 1000
+    ep, eg = envelope(piece, n), envelope(got, n)
+    ep = ep - ep.mean()
+    best, best_c = center, -2.0
+    for m in range(max(center // n + lo_ms, 0), min(center // n + hi_ms, len(eg) - len(ep)) + 1):
+        seg = eg[m:m + len(ep)]
+        seg = seg - seg.mean()
+        c = float(np.dot(ep, seg) / ((np.linalg.norm(ep) * np.linalg.norm(seg)) or 1.0))
+        if c > best_c:
+            best, best_c = m * n, c
+    return best
+
+
 def onsets(x: np.ndarray, min_gap: int) -> list[int]:
     """First non-zero sample of every burst that follows at least min_gap zero samples (and the very first)."""
     nz = np.flatnonzero(np.abs(x) > 0)
@@ -235,33 +257,45 @@ def nearest_template(img: np.ndarray, templates: list[np.ndarray], boxes) -> tup
 
 
 def analyse(rec: Recording, templates: list[np.ndarray], boxes, lookahead: int, gap_s: float,
-            changed_levels: float) -> dict:
-    """The latency figures of a recording (see the module docstring)."""
+            changed_levels: float, burst_s: float) -> dict:
+    """The latency figures of a recording (see the module docstring). Each burst is found in the received audio on
+    its own (its lag can grow when the server's clock falls behind or a late packet left a gap)."""
     s0, sent = timeline(rec.sent)
     r0, got = timeline(rec.audio)
     match = audio_match(sent, got)
-    lag = match["lag"]
     video_t = {k: t for t, k, _ in rec.video}
-    marks = []
+    changed_at = {}
     for t, k, img in rec.video:
         _, inside, _ = nearest_template(img, templates, boxes)
-        marks.append((t, k, inside > changed_levels))
-    out = []
+        changed_at[k] = inside > changed_levels
+    burst = int(burst_s * RATE)
+    out, prev_lag = [], 0
     for o in onsets(sent, int(gap_s * RATE * 0.8)):
+        lag = local_lag(sent[o:o + burst], got, o + prev_lag, -LAG_BACK_MS if out else 0, LAG_AHEAD_MS) - o
+        w = RATE // 100                                 # is the burst there? (10 ms envelopes correlate)
+        ea, eb = envelope(sent[o:o + burst], w), envelope(got[o + lag:o + lag + burst], w)
+        corr = float(np.corrcoef(ea, eb)[0, 1]) if len(eb) == len(ea) else float("nan")
+        if not corr > 0.5:                              # not there (the peer left first), or cut by gaps
+            out.append({"onset_sent_s": round(o / RATE, 3), "received": False, "corr": round(corr, 3)})
+            continue
+        prev_lag = lag
         t_sent = s0 + o / RATE
-        o_r = o + lag                                   # the onset's sample on the server's timeline
-        k_on = o_r // SPF
-        t_heard = r0 + o_r / RATE
-        first = next(((t, k) for t, k, changed in marks if changed and t >= t_sent), None)
-        out.append({"onset_sent_s": round(o / RATE, 3), "frame": int(k_on),
-                    "to_heard_ms": round(1000 * (t_heard - t_sent), 1),
-                    "to_its_mouth_ms": round(1000 * (video_t[k_on] - t_sent), 1) if k_on in video_t else None,
-                    "to_first_changed_mouth_ms": round(1000 * (first[0] - t_sent), 1) if first else None,
-                    "first_changed_frame": first[1] if first else None})
+        k_on = (o + lag) // SPF                         # the video frame that carries the onset (same clock)
+        t_heard = next((t + (o + lag - p) / RATE for t, p, x in rec.audio if p <= o + lag < p + len(x)), None)
+        span = [k for k in range(k_on - 12, k_on + int(burst_s * 25)) if k in video_t]
+        first = next((k for k in span if changed_at[k]), None)
+        gen = [changed_at[k] for k in span if k >= k_on]
+        out.append({"onset_sent_s": round(o / RATE, 3), "received": True, "corr": round(corr, 3), "frame": int(k_on),
+                    "to_heard_ms": round(1000 * (t_heard - t_sent), 1) if t_heard is not None else None,
+                    "to_its_frame_ms": round(1000 * (video_t[k_on] - t_sent), 1) if k_on in video_t else None,
+                    "its_mouth_generated": changed_at.get(int(k_on)),   # False: frame k_on came late (template)
+                    "to_first_changed_mouth_ms": round(1000 * (video_t[first] - t_sent), 1) if first is not None
+                    else None, "first_changed_frame": first,
+                    "burst_frames_generated": f"{sum(gen)}/{len(gen)}"})
     server = rec.server[-1] if rec.server else {}
-    return {"audio_delay_ms": round(1000 * (r0 - s0 + lag / RATE), 1),
+    return {"audio_delay_ms": out[0].get("to_heard_ms") if out else None,
             "audio_envelope_corr": round(match["envelope_corr"], 4), "audio_gain": round(match["gain"], 3),
-            "timeline_lag_samples": lag, "lookahead_frames": lookahead, "onsets": out,
+            "lookahead_frames": lookahead, "onsets": out,
             "frames_received": len(rec.video), "server": server,
             "late_share_of_speech": round(server["late"] / server["speech"], 4) if server.get("speech") else None}
 
@@ -286,12 +320,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure_latency(url: str, model: str, wav: Path, seconds: float, templates, boxes, lookahead: int,
-                          gap_s: float, changed_levels: float) -> dict:
+                          gap_s: float, changed_levels: float, burst_s: float) -> dict:
     peer = Peer(url, model, wav)
     await peer.connect()
     await asyncio.sleep(seconds)
     await peer.close()
-    return analyse(peer.rec, templates, boxes, lookahead, gap_s, changed_levels)
+    return analyse(peer.rec, templates, boxes, lookahead, gap_s, changed_levels, burst_s)
 
 
 async def measure_idle(url: str, model: str, pid: int, streams: int, seconds: float, settle: float = 3.0) -> dict:
@@ -327,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-streams", type=int, default=8, help="silent peers for the idle CPU figure (0: skip)")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the idle CPU windows (default 20 s)")
     p.add_argument("--wait-ms", type=float, default=30.0, help="the server's --webrtc-wait-ms (default 30)")
+    p.add_argument("--max-delay-ms", type=float, default=None,
+                   help="the server's --max-delay-ms (the batcher's deadline; default: the server's, 1000; 0: none)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -346,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "lipsync_trt", "serve", "--avatar", f"demo={av_dir}", "--generator", str(gen),
                "--audio-encoder", str(enc), "--backend", args.backend, "--device", "cpu", "--port", "0",
                "--webrtc", "--webrtc-wait-ms", str(args.wait_ms), "--max-streams", str(max(8, args.idle_streams))]
+        if args.max_delay_ms is not None:
+            cmd += ["--max-delay-ms", str(args.max_delay_ms)]
         load_before = loadavg()
         server = ServerProcess(cmd)
         url = f"http://{server.host}:{server.port}/"
@@ -353,14 +391,15 @@ def main(argv: list[str] | None = None) -> int:
             wav = latency_wav(Path(tmp) / "latency.wav", 2.0, args.bursts, args.burst_s, args.gap)
             seconds = 2.0 + args.bursts * (args.burst_s + args.gap) + 1.0
             lat = asyncio.run(measure_latency(url, "demo", wav, seconds, templates, av.boxes, live_lookahead(RATE),
-                                              args.gap, changed_levels=6.0))
+                                              args.gap, changed_levels=6.0, burst_s=args.burst_s))
             idle = asyncio.run(measure_idle(url, "demo", server.proc.pid, args.idle_streams, args.seconds)) \
                 if args.idle_streams else None
         finally:
             server.stop()
     report = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "command": "python -m lipsync_trt.bench webrtc " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "server": {"backend": server.backend, "wait_ms": args.wait_ms, "preroll_ms": 1000 * PREROLL_S},
+              "server": {"backend": server.backend, "wait_ms": args.wait_ms, "max_delay_ms": args.max_delay_ms,
+                         "preroll_ms": 1000 * PREROLL_S},
               "loadavg_before": load_before, "loadavg_after": loadavg(), "latency": lat, "idle": idle}
     _print(report)
     if args.json:
@@ -374,8 +413,13 @@ def _print(r: dict) -> None:
           f"{lat['audio_gain']}), lookahead {lat['lookahead_frames']} "
           f"frames; late {lat['late_share_of_speech']} of speech frames; server {lat['server']}")
     for o in lat["onsets"]:
-        print(f"  onset at {o['onset_sent_s']} s: heard +{o['to_heard_ms']} ms, its mouth +{o['to_its_mouth_ms']} ms, "
-              f"first changed mouth +{o['to_first_changed_mouth_ms']} ms")
+        if not o["received"]:
+            print(f"  onset at {o['onset_sent_s']} s: not found in the received audio (envelope corr {o['corr']})")
+            continue
+        print(f"  onset at {o['onset_sent_s']} s (corr {o['corr']}): heard +{o['to_heard_ms']} ms, its frame +{o['to_its_frame_ms']} ms "
+              f"(generated: {o['its_mouth_generated']}), first changed mouth +{o['to_first_changed_mouth_ms']} ms "
+              f"(frame {o['first_changed_frame']} for onset frame {o['frame']}); burst frames generated "
+              f"{o['burst_frames_generated']}")
     if r["idle"]:
         i = r["idle"]
         print(f"idle: {i['streams']} peers, server CPU {i['server_cpu_pct']}% (no peer {i['server_cpu_no_peer_pct']}%),"
