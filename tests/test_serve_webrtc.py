@@ -362,7 +362,8 @@ def test_repeated_offer_that_never_connects_is_freed(one_slot_server):
 
 
 def test_full_server_is_503(one_slot_server, tmp_path):
-    """--max-streams 1: a WebSocket stream holds the slot -> 503; then a WebRTC peer holds it -> 503."""
+    """--max-streams 1: a WebSocket stream holds the slot -> 503; then a WebRTC peer holds it -> 503 for an offer
+    and a refusal for a WebSocket stream."""
     from lipsync_trt.serve.protocol import encode_request
 
     url, srv = one_slot_server.url, one_slot_server.server
@@ -385,14 +386,23 @@ def test_full_server_is_503(one_slot_server, tmp_path):
     assert wait_for(lambda: not srv.active, 15)
 
     async def with_webrtc_peer():
+        from lipsync_trt.serve.client import StreamRefused, stream
+
         peer = W.Peer(url, "demo", speech_wav(tmp_path, 0.5, 1.0, 3.0))
         await peer.connect()
         try:
-            return await asyncio.to_thread(post, url, {"sdp": sdp, "type": "offer", "model": "demo"})
+            answer = await asyncio.to_thread(post, url, {"sdp": sdp, "type": "offer", "model": "demo"})
+            try:                                     # the WebSocket door finds the slot taken too
+                await stream(one_slot_server.ws_url, "demo", np.zeros(9600, np.float32), timeout=30)
+                refused = None
+            except StreamRefused as exc:
+                refused = str(exc)
+            return answer, refused
         finally:
             await peer.close()
-    status, raw = asyncio.run(with_webrtc_peer())
+    (status, raw), refused = asyncio.run(with_webrtc_peer())
     assert status == 503, raw
+    assert refused is not None, "a WebSocket stream was served while a WebRTC peer held the only slot"
 
 
 def test_closed_peer_frees_its_stream(one_slot_server, tmp_path):
@@ -401,8 +411,13 @@ def test_closed_peer_frees_its_stream(one_slot_server, tmp_path):
     url, srv = one_slot_server.url, one_slot_server.server
     assert wait_for(lambda: not srv.active, 15)
     rec = run_peer(url, speech_wav(tmp_path, 0.5, 1.0, 3.0), 2.0)
+    t_closed = time.monotonic()
     assert rec.video and {img.shape for _, _, img in rec.video} == {(96, 128, 3)}
     assert wait_for(lambda: not srv.active, 5), srv.active
+    # by the close itself (its connection closed, or its audio track ended with it), before the 2 s no-audio limit
+    reason = srv.webrtc.closed_reasons[-1]
+    assert time.monotonic() - t_closed < 1.5 and reason in ("connection closed", "pump: the peer's audio track ended"), \
+        reason
     rec = run_peer(url, speech_wav(tmp_path, 0.5, 1.0, 3.0, "b.wav"), 1.5)       # the slot is free again
     assert rec.video
 
@@ -442,6 +457,7 @@ def test_vanished_peer_frees_its_stream(one_slot_server, tmp_path):
     t0 = time.monotonic()
     assert wait_for(lambda: not srv.active, 10), srv.active
     assert time.monotonic() - t0 < 2.0 + 3.0
+    assert srv.webrtc.closed_reasons[-1] == "pump: no audio from the peer for 2 s", srv.webrtc.closed_reasons
 
 
 @pytest.fixture(scope="module")
@@ -464,6 +480,7 @@ def test_ice_failure_frees_its_stream(no_idle_server, tmp_path):
     assert len(srv.active) == 1
     assert wait_for(lambda: not srv.active, 60, 0.5), srv.active
     assert srv.stats["webrtc_failed"] + srv.stats["webrtc_closed"] > failed
+    assert srv.webrtc.closed_reasons[-1] in ("connection failed", "connection closed"), srv.webrtc.closed_reasons
 
 
 def test_answered_offer_never_connected_is_freed(no_idle_server, monkeypatch):

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import re
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from ..errors import UsageError
@@ -83,6 +83,7 @@ class Door:
         self.wait_s = self.cfg.webrtc_wait_ms / 1000
         self.silence_db = self.cfg.webrtc_silence_db
         self.sessions: set[Session] = set()
+        self.closed_reasons: deque = deque(maxlen=32)   # why the last peers were closed (logs, tests)
         self.closing = False
         self._lipsyncs: dict = {}
 
@@ -315,6 +316,7 @@ class Session:
         if self.closed:
             return
         self.closed, self.reason = True, reason
+        self.door.closed_reasons.append(reason)
         srv = self.door.server
         srv.active.discard(self)
         self.door.sessions.discard(self)
