@@ -244,6 +244,51 @@ def test_leading_silence_is_the_template_and_speech_generated(patient_server, av
     assert all(outside < IDLE_BOX_MAX for _, _, outside in speech)
 
 
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+
+
+def test_interrupt_on_the_data_channel_drops_the_queued_voice(server, tmp_path):
+    """Barge-in: 1 s of speech, and "interrupt" on the data channel as its last packet leaves the client. The
+    voice queued on the server's timeline then is never played: where the speech's 0.45..0.2 s before its end
+    would play (placed by where its start played), the received audio is silent, while its start is heard; without
+    the interrupt (same server, same WAV) that part is heard."""
+    wav = speech_wav(tmp_path, 1.0, 1.0, 3.0)
+    start, end = int(1.0 * RATE), int(2.0 * RATE)
+
+    async def go(interrupt: bool):
+        peer = W.Peer(server.url, "demo", wav)
+        await peer.connect()
+        sent, deadline = False, time.monotonic() + 15
+        while time.monotonic() < deadline and not sent:
+            if peer.rec.sent and peer.rec.sent[-1][1] >= end and peer.channel.readyState == "open":
+                if interrupt:
+                    peer.interrupt()
+                sent = True
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(2.0)
+        await peer.close()
+        assert sent
+        return peer.rec
+
+    def heard(rec) -> tuple[float, float]:
+        """(level ratio received/sent of the speech's first 0.25 s, of its 0.45..0.2 s before the end)"""
+        _, sent = W.timeline(rec.sent)
+        _, got = W.timeline(rec.audio)
+        head = slice(start, start + RATE // 4)
+        lag = W.local_lag(sent[head], got, start, 0, 2000) - start
+        a, b = end - int(0.45 * RATE), end - int(0.2 * RATE)
+        return rms(got[head.start + lag:head.stop + lag]) / rms(sent[head]), rms(got[a + lag:b + lag]) / rms(sent[a:b])
+    full = asyncio.run(go(False))
+    cut = asyncio.run(go(True))
+    (full_head, full_tail), (cut_head, cut_tail) = heard(full), heard(cut)
+    print(f"level ratio received/sent: without interrupt head {full_head:.2f} tail {full_tail:.2f}; with it head "
+          f"{cut_head:.2f} tail {cut_tail:.3f}; server {cut.server[-1:]}")
+    assert full_head > 0.7 and full_tail > 0.7 and cut_head > 0.7
+    assert cut_tail < 0.05
+    assert cut.server and cut.server[-1]["interrupts"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ limits
 
 def _sdp_edit(sdp: str, drop: tuple[str, ...] = (), add_media: str = "", codecs: str | None = None) -> str:
