@@ -80,6 +80,8 @@ class LipSync:
         the next frame of the 25 fps timeline with its own audio (`LiveFrame`), `interrupt()` drops the audio not
         yet played. Frames with no pushed audio in reach are the template itself (idle="template", no generator
         call) or generated too (idle="generate"). `rate` must be divisible by 25; a context manager."""
+        if batcher is not None and not isinstance(batcher, Batcher):
+            raise UsageError(f"batcher={batcher!r}: expected a lipsync_trt.batcher.Batcher (or None: ls.batcher)")
         start = self.start_frame if start_frame is None else start_frame
         return Live(self.runner, self.avatar, self.templates, batcher or self.batcher, rate, idle=idle,
                     as_tensor=as_tensor, start_frame=start, feather=self._feather(blend))

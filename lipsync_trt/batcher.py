@@ -10,8 +10,9 @@ stays bounded in time however many streams share the device. A refused frame is 
 The client is `stream.Core` (one per live stream of every kind: `LipSync.stream`, `LipSync.live`, each server
 stream): `runner` (its generator), `templates` (a `compose.TemplateCrops` on the runner's device), `mouths` (bool: the
 box-sized crop instead of the full frame), `feather` (the box edge blend in pixels, `compose.parse_blend`),
-`cancelled` (bool: drop its work), `on_features(first, feats, n_windows, t_arrived)` (encoder results, in the
-worker: the client decides which frames they make ready and `render`s them) and `on_result(Result)`.
+`cancelled` (bool: drop its work), `wants(frame)` (bool: a queued frame still wanted),
+`on_features(first, feats, n_windows, t_arrived)` (encoder results, in the worker: the client decides which frames
+they make ready and `render`s them) and `on_result(Result)`.
 """
 from __future__ import annotations
 
@@ -322,10 +323,14 @@ class Batcher:
             client.on_result(Result(Kind.REJECTED, i, reason=reason))
 
     def _generate(self, batch: list[_Job]) -> None:
-        for j in batch:
-            if j.client.cancelled:
+        keep = []
+        for j in batch:   # a cancelled client's frames, and frames their client no longer wants, are not made
+            if j.client.cancelled or not j.client.wants(j.frame):
                 self._done(j.client)
-        batch = [j for j in batch if not j.client.cancelled]
+                self.stats["dropped"] += 1
+            else:
+                keep.append(j)
+        batch = keep
         if not batch:
             return
         runner = batch[0].client.runner

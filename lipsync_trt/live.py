@@ -21,7 +21,7 @@ import functools
 import itertools
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +34,8 @@ from . import stream as core
 from .errors import AudioError, StreamError, UsageError
 
 IDLE_MODES = ("template", "generate")
-AHEAD = 25                  # frames past the one returned last that may be made ahead from planned audio (1 s)
+AHEAD = 12                  # frames past the one returned last that may be made ahead from queued audio (480 ms:
+                            # slack for the generator; what an interrupt() may throw away)
 HOLD_BACK_PROBE = 400       # slots over which a rate's resampler hold-back is measured (many of its periods)
 _AGAIN = object()           # _wait_image: the timeline changed (interrupt) while waiting
 
@@ -43,7 +44,8 @@ _AGAIN = object()           # _wait_image: the timeline changed (interrupt) whil
 class LiveFrame:
     """One frame of the live timeline: `image` BGR uint8 (H, W, 3) (a tensor with as_tensor=True), `audio` its
     rate/25 samples (float32) to play with it, `speech` whether it was generated from pushed audio, `late` whether
-    `next(timeout)` gave up waiting for it (the image is then the template frame)."""
+    it was not made in time (`next(timeout)` gave up waiting, or the batcher refused it under load: its deadline or
+    queue bound); the image is then the template frame and the audio is on time."""
 
     index: int
     image: np.ndarray | torch.Tensor
@@ -70,9 +72,7 @@ def lookahead(rate: int) -> int:
 
 def exact_slot(rate) -> int:
     """Samples per video frame at `rate`; AudioError unless the rate is a valid one divisible by 25."""
-    rate = A.check_rate(rate, "live stream") if hasattr(A, "check_rate") else rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise AudioError(f"live stream: invalid sample rate {rate!r}: expected a positive integer (Hz)")
+    rate = A.check_rate(rate, "live stream")
     if rate % int(R.FPS):
         raise AudioError(f"live stream: sample rate {rate} Hz is not divisible by {int(R.FPS)}: a frame's audio must "
                          f"be whole samples (16000, 24000, 44100, 48000 are)")
@@ -87,6 +87,10 @@ class Live:
                  as_tensor: bool = False, start_frame: int = 0, feather: int = 0):
         if idle not in IDLE_MODES:
             raise UsageError(f"idle={idle!r}: expected one of {', '.join(IDLE_MODES)}")
+        if not isinstance(as_tensor, bool):
+            raise UsageError(f"as_tensor={as_tensor!r}: expected True or False")
+        if isinstance(start_frame, bool) or not isinstance(start_frame, (int, np.integer)):
+            raise UsageError(f"start_frame={start_frame!r}: expected an int (a template frame index)")
         self.samples_per_frame = exact_slot(rate)
         self.rate = int(rate)
         avatar.order(2, start_frame)                 # validates the start frame
@@ -94,7 +98,8 @@ class Live:
         self.idle, self.as_tensor, self.start_frame = idle, bool(as_tensor), start_frame
         # the batcher's client (full frames, this stream's blend): encoder results come back to `_on_features`,
         # which decides the frames they make ready; every result to `_on_result`
-        self.core = core.Core(runner, templates, batcher, self._on_result, self._on_features, feather=feather)
+        self.core = core.Core(runner, templates, batcher, self._on_result, self._on_features, feather=feather,
+                              wants=self._wants)
         self.hold = hold_back(self.rate)
         self.lookahead = R.live_lookahead(self.hold)
         self.reach = -(-self.hold // R.SAMPLES_PER_FRAME)   # slots one input sample reaches through the filter
@@ -104,11 +109,14 @@ class Live:
         self._closed = False
         self._failed: str | None = None
         # the timeline, in slots: [0, returned) returned, [returned, committed) committed, [committed, planned)
-        # planned from full slots of pushed audio; `pending` holds pushed samples short of a slot
+        # planned from full slots of pushed audio; `queue` holds the pushed samples not in a slot yet (cut into
+        # slots as the schedule needs them, so a long push costs no more than a short one under the lock);
+        # `pushed[s]`: the (start, end) of slot s that holds pushed samples, or None (silence)
         self._slots: dict[int, np.ndarray] = {}
-        self._pushed: dict[int, bool] = {}
+        self._pushed: dict[int, tuple[int, int] | None] = {}
         self._returned = self._committed = self._planned = 0
-        self._pending = np.zeros(0, np.float32)
+        self._queue: deque = deque()
+        self._queued = 0
         # the 16 kHz audio of slots [0, fed), from x16_base; a restarted resampler's first `discard` samples dropped
         self._resampler = A.StreamResampler(self.rate)
         self._fed = 0
@@ -135,26 +143,37 @@ class Live:
 
     def push(self, chunk: np.ndarray) -> None:
         """Append samples (1-D float32/float64 in [-1, 1] or int16 PCM, any length) to the timeline; returns at
-        once (the model runs in the batcher). AudioError for bad samples (the stream stays usable)."""
-        x = A.stream_samples(chunk, "live chunk")
+        once (the model runs in the batcher). AudioError for bad samples (the stream stays usable); StreamError after
+        close. Pushed audio is held until it is played (a 10-minute burst at 48 kHz: 115 MB)."""
         with self._cond:
             self._check_open("push")
-            pending = np.concatenate([self._pending, x]) if len(self._pending) else x
-            s = self.samples_per_frame
-            full = len(pending) // s
-            for j in range(full):
-                self._plan(np.array(pending[j * s:(j + 1) * s], np.float32), True)
-            self._pending = np.array(pending[full * s:], np.float32)
-            if full:
+        x = A.stream_samples(chunk, "live chunk")
+        if not len(x):
+            return
+        with self._cond:
+            self._check_open("push")
+            self._queue.append(np.array(x, np.float32))
+            self._queued += len(x)
+            if self._queued >= self.samples_per_frame:
                 self._schedule()
 
     def next(self, timeout: float | None = None) -> LiveFrame:
         """The next frame of the timeline (index 0, 1, 2, ...); it commits slot index + L. Blocks until the frame
         is made; with `timeout` (seconds) a speech frame not made by then comes back late-marked, as the template."""
-        if timeout is not None and not (timeout >= 0 and np.isfinite(timeout)):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.floating))
+                                    or not (timeout >= 0 and np.isfinite(timeout))):
             raise UsageError(f"timeout={timeout!r}: expected a finite number of seconds >= 0, or None")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._next_lock, self._cond:
+        if not self._next_lock.acquire(timeout=-1 if timeout is None else timeout):   # another thread is in next()
+            raise StreamError(f"next(timeout={timeout}): another thread's next() held the stream all that time; "
+                              "a live stream has one consumer")
+        try:
+            return self._next(deadline)
+        finally:
+            self._next_lock.release()
+
+    def _next(self, deadline: float | None) -> LiveFrame:
+        with self._cond:
             self._check_open("next")
             k = self._returned
             while True:                              # again when an interrupt() from another thread changed frame k
@@ -170,6 +189,10 @@ class Live:
                         continue
                 late = (speech or self.idle == "generate") and image is None
                 break
+            if late:                                 # not wanted any more: the batcher drops it if it has not run
+                for r in [r for r, req in self._requests.items() if req[1] == "gen" and req[2] == k]:
+                    del self._requests[r]
+                self._waiting.discard(k)
             if image is None:
                 image = self._template(k)
             else:
@@ -189,10 +212,11 @@ class Live:
         with self._cond:
             self._check_open("interrupt")
             j = self._returned
-            self._pending = np.zeros(0, np.float32)
+            self._queue.clear()
+            self._queued = 0
             silence = np.zeros(self.samples_per_frame, np.float32)
             for s in range(j, self._committed):
-                self._slots[s], self._pushed[s] = silence.copy(), False
+                self._slots[s], self._pushed[s] = silence.copy(), None
             for s in range(self._committed, self._planned):
                 del self._slots[s], self._pushed[s]
             self._planned = self._committed
@@ -230,6 +254,10 @@ class Live:
         raise TypeError("a live stream is not iterable: call next() once per video frame (25 per second)")
 
     # -- what the batcher's worker calls (through the core)
+    def _wants(self, request: int) -> bool:
+        """Whether a queued generator job is still wanted (not dropped by interrupt(), not returned late)."""
+        return request in self._requests
+
     def _on_features(self, request: int, feats: torch.Tensor, n_windows=None) -> list:
         """Encoder results of request `request` -> the generator jobs of the frames they complete."""
         with self._cond:
@@ -268,25 +296,55 @@ class Live:
         if self._failed is not None:
             raise StreamError(f"live stream failed: {self._failed}")
 
-    def _plan(self, samples: np.ndarray, pushed: bool) -> None:
-        self._slots[self._planned], self._pushed[self._planned] = samples, pushed
+    def _plan_one(self) -> None:
+        """Cut the next slot from the queue: a full slot, or what is left padded with silence (none: silence)."""
+        spf, parts, got = self.samples_per_frame, [], 0
+        while self._queue and got < spf:
+            x = self._queue[0]
+            take = x[:spf - got]
+            parts.append(take)
+            got += len(take)
+            if len(take) == len(x):
+                self._queue.popleft()
+            else:
+                self._queue[0] = x[len(take):]
+        self._queued -= got
+        slot = np.zeros(spf, np.float32)
+        if got:
+            slot[:got] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._slots[self._planned], self._pushed[self._planned] = slot, ((0, got) if got else None)
         self._planned += 1
 
+    def _take(self, n: int) -> None:
+        """Plan full slots from the queue, up to slot n."""
+        while self._planned < n and self._queued >= self.samples_per_frame:
+            self._plan_one()
+
     def _commit(self, n: int) -> None:
-        """Fix slots up to n: planned ones as they are, then what is pending (padded with silence), then silence."""
-        s = self.samples_per_frame
+        """Fix slots up to n: planned ones as they are, then what is queued (a partial slot padded with silence),
+        then silence."""
         while self._committed < n:
             if self._planned == self._committed:
-                take = self._pending[:s]
-                self._pending = self._pending[len(take):]
-                self._plan(np.concatenate([take, np.zeros(s - len(take), np.float32)]), len(take) > 0)
+                self._plan_one()
             self._committed += 1
 
     def _slot_span(self, frame: int) -> range:
-        """Slots whose samples can reach frame i's receptive field (through the resampler's filter)."""
+        """Slots whose samples can reach frame i's receptive field (through the resampler's filter: `hold` 16 kHz
+        samples either way); its end is at most i + L + 1, what next() has committed for frame i."""
         lo, hi = R.receptive_field(frame)
         spf = R.SAMPLES_PER_FRAME
-        return range(max(lo // spf - self.reach, 0), (hi - 1) // spf + self.reach + 1)
+        return range(max((lo - self.hold) // spf, 0), (hi - 1 + self.hold) // spf + 1)
+
+    def _is_speech(self, frame: int, span: range) -> bool:
+        """Whether a pushed sample lies in frame i's receptive field (widened by the resampler's reach)."""
+        lo, hi = R.receptive_field(frame)
+        lo, hi = lo - self.hold, hi + self.hold
+        spf, scale = R.SAMPLES_PER_FRAME, R.SAMPLES_PER_FRAME / self.samples_per_frame
+        for s in span:
+            p = self._pushed[s]
+            if p is not None and s * spf + p[0] * scale < hi and s * spf + p[1] * scale > lo:
+                return True
+        return False
 
     def _feed(self, n: int) -> None:
         """Resample planned slots [fed, n) into the 16 kHz buffer."""
@@ -310,6 +368,7 @@ class Live:
         """Decide every frame whose audio is planned (speech or idle), up to AHEAD frames past the last returned,
         and send the speech frames' missing encoder windows to the batcher."""
         limit = self._returned + AHEAD
+        self._take(limit + self.lookahead + 1)
         self._feed(limit + self.lookahead + 1)
         new_windows: list[int] = []
         while self._decided < limit:
@@ -317,7 +376,7 @@ class Live:
             span = self._slot_span(j)
             if span.stop > self._planned or R.samples_needed(j) > self._x16_end:
                 break
-            speech = any(self._pushed[s] for s in span)
+            speech = self._is_speech(j, span)
             self._speech[j] = speech
             self._decided += 1
             if speech or self.idle == "generate":
@@ -376,7 +435,8 @@ class Live:
             if self._failed is not None:
                 raise StreamError(f"live stream failed: {self._failed}")
             if not self.batcher.alive:
-                raise StreamError("the batcher stopped before this stream's frame was made")
+                raise StreamError(f"the model worker stopped before frame {k} was made (LipSync.close(), or the "
+                                  "worker failed): open a new live stream")
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
                 return None

@@ -220,15 +220,19 @@ def ready_chunk_period(rate: int, chunk: int, search: int = 12000) -> int | None
 
 class Core:
     """The batcher's one client for every live path (`LipSync.stream`, `LipSync.live`, each server stream). Options
-    are fixed at construction; `encode` sends encoder windows, `render` ready frames [(frame, template, feature
-    window)]; in the batcher's worker, `ready(first, feats, n_windows)` (the stream's own rule) turns encoder
-    results into the frames they make ready, which go to the generator, and every `batcher.Result` goes to
-    `deliver`. `cancel()` drops its queued work."""
+    are fixed at construction; `encode(first, windows)` sends encoder windows, `render` ready frames [(frame,
+    template, feature window)]; in the batcher's worker, `ready(first, feats, n_windows)` (the stream's own rule)
+    turns encoder results into the frames they make ready, which go to the generator, and every `batcher.Result`
+    goes to `deliver`. `first` and `frame` are the client's keys, passed back as given: window and frame indices
+    for the streams, request ids for `live.Live`. `wants(frame)` says whether a queued frame is still wanted (live
+    drops frames returned late or made from interrupted audio); `cancel()` drops all its queued work."""
 
-    def __init__(self, runner, templates, batcher, deliver, ready, mouths: bool = False, feather: int = 0):
+    def __init__(self, runner, templates, batcher, deliver, ready, mouths: bool = False, feather: int = 0,
+                 wants=None):
         self.runner, self.templates, self.batcher = runner, templates, batcher
         self.mouths, self.feather = bool(mouths), int(feather)
         self.deliver, self.ready = deliver, ready
+        self.wants = wants or (lambda frame: True)   # a queued frame still wanted? (else dropped before the generator)
         self.cancelled = False
 
     def encode(self, first: int, windows: torch.Tensor, n_windows: int | None = None,

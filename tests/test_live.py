@@ -182,7 +182,7 @@ def check_frames(ls, frames, tl: Timeline, rate: int = 16000, idle: str = "templ
 def test_lookahead_is_the_recipes_need_plus_the_resamplers_hold_back(ls):
     """L frames: frame k reads 16 kHz samples up to samples_needed(k); with slots 0..k+L in (less the resampler's
     hold-back) that is always there, and L is the least such."""
-    for rate in (16000, 24000, 48000):
+    for rate in (16000, 22050, 24000, 32000, 44100, 48000, 8000):
         with ls.live(rate=rate) as live:
             hold = live.hold
             L = live.lookahead
@@ -195,7 +195,7 @@ def test_conversation_16k_audio_images_and_idle(ls):
     """Idle, an utterance pushed in one burst faster than real time, silence, a second utterance: every sample
     plays once in order, speech frames are frames() of the timeline, idle ones the template, and an idle frame
     of frames() on the timeline equals frames() on silence (the receptive field misses nothing)."""
-    a, b = make_speech(0.6, 16000, seed=1), make_speech(0.4, 16000, seed=2)
+    a, b = make_speech(0.61, 16000, seed=1), make_speech(0.405, 16000, seed=2)   # ends part-way through a slot
     frames, tl, live = run(ls, [("next", 6), ("push", a), ("next", 55), ("push", b), ("next", 35)])
     stats = check_frames(ls, frames, tl)
     assert [f.speech for f in frames] == speech_flags_16k(tl, len(frames))
@@ -213,10 +213,13 @@ def test_conversation_16k_audio_images_and_idle(ls):
             assert level <= MAX_LEVEL and share < MAX_OFF_SHARE, (f.index, level, share)
 
 
-def test_conversation_24k_is_close_and_audio_exact(ls):
-    a = make_speech(0.7, 24000, seed=3)
-    frames, tl, _ = run(ls, [("next", 3), ("push", a), ("next", 45)], rate=24000, seed=1)
-    stats = check_frames(ls, frames, tl, rate=24000)
+@pytest.mark.parametrize("rate", [24000, 44100, pytest.param(22050, marks=pytest.mark.slow)])
+def test_conversation_at_other_rates_is_close_and_audio_exact(ls, rate):
+    """Through the stream resampler: audio sample-exact, images within the stream's tolerance, a barge-in too."""
+    a = make_speech(0.7, rate, seed=3)
+    frames, tl, _ = run(ls, [("next", 3), ("push", a), ("next", 25), ("interrupt",), ("next", 25)], rate=rate,
+                        seed=1)
+    stats = check_frames(ls, frames, tl, rate=rate)
     assert stats["speech"] > 15 and stats["idle"] > 2, stats
 
 
@@ -259,18 +262,26 @@ class CountingRunner:
         return self._runner.generate(images, audio)
 
 
-@pytest.mark.parametrize("idle", ["template", pytest.param("generate", marks=pytest.mark.slow)])
-def test_generator_frames_at_most_speech_frames(runner, ls, idle):
+@pytest.mark.parametrize("idle, barge", [("template", False), ("template", True),
+                                         pytest.param("generate", False, marks=pytest.mark.slow)])
+def test_generator_frames_at_most_speech_frames(runner, ls, idle, barge):
+    """Generator frames <= speech frames + batch padding (3 at batch 4), + at most live.AHEAD per interrupt() (the
+    frames made ahead from audio it dropped)."""
+    from lipsync_trt.live import AHEAD
+
     counting = CountingRunner(runner)
     lsc = api.LipSync(ls.avatar, counting, batch_size=4)
     try:
-        a = make_speech(0.6, 16000, seed=7)
-        frames, tl, _ = run(lsc, [("next", 20), ("push", a), ("next", 60)], idle=idle)
+        a = make_speech(1.2 if barge else 0.6, 16000, seed=7)
+        script = [("next", 20), ("push", a), ("next", 60)]
+        if barge:
+            script = [("next", 20), ("push", a), ("next", 20), ("interrupt",), ("next", 40)]
+        frames, tl, _ = run(lsc, script, idle=idle)
     finally:
         lsc.close()
     speech = sum(f.speech for f in frames)
     if idle == "template":
-        assert counting.generated <= speech + 3, (counting.generated, speech)       # + batch padding
+        assert counting.generated <= speech + 3 + AHEAD * barge, (counting.generated, speech)
         assert speech < len(frames) - 30
     else:
         assert counting.generated >= len(frames)
@@ -288,6 +299,31 @@ class GatedRunner(CountingRunner):
     def generate(self, images, audio):
         self.gate.wait(30)
         return super().generate(images, audio)
+
+
+def test_late_frames_are_not_made_after_they_were_returned(runner, ls):
+    """10 frames returned late while the generator is held; once it runs again, the frames returned late are not
+    generated (only the batch already inside the generator is), and push() never waited for the model."""
+    gated = GatedRunner(runner)
+    lsg = api.LipSync(ls.avatar, gated, batch_size=4)
+    a = make_speech(1.0, 16000, seed=11)
+    try:
+        with lsg.live() as live:
+            live.push(a[:8000])
+            late = [live.next(timeout=0.01) for _ in range(10)]
+            pusher = threading.Thread(target=live.push, args=(a[8000:],))
+            pusher.start()
+            pusher.join(10)
+            assert not pusher.is_alive(), "push() waited for the (held) generator"
+            assert all(f.late and f.speech for f in late)
+            gated.gate.set()
+            rest = [live.next() for _ in range(15)]
+            assert not any(f.late for f in rest)
+            made = gated.generated
+        assert made <= sum(f.speech for f in rest) + 4 + 3, made   # + the batch held in the gate + padding
+    finally:
+        gated.gate.set()
+        lsg.close()
 
 
 def test_next_with_timeout_returns_a_late_frame_with_its_audio(runner, ls):
@@ -329,13 +365,16 @@ def test_bad_options_and_calls_after_close(ls):
     for rate in (16001, 8018, True, 0, -16000, 16000.0):
         with pytest.raises(AudioError):
             ls.live(rate=rate)
-    with pytest.raises(UsageError, match="idle"):
-        ls.live(idle="black")
+    for kw, match in (({"idle": "black"}, "idle"), ({"start_frame": "1"}, "start_frame"),
+                      ({"as_tensor": "yes"}, "as_tensor"), ({"batcher": "x"}, "batcher")):
+        with pytest.raises(UsageError, match=match):
+            ls.live(**kw)
     live = ls.live()
-    with pytest.raises(UsageError, match="timeout"):
-        live.next(timeout=float("nan"))
+    for bad in (float("nan"), -1, "1", True, float("inf")):
+        with pytest.raises(UsageError, match="timeout"):
+            live.next(timeout=bad)
     live.close()
-    for call in (lambda: live.push(np.zeros(10, np.float32)), live.next, live.interrupt):
+    for call in (lambda: live.push(np.zeros(10, np.float32)), lambda: live.push("abc"), live.next, live.interrupt):
         with pytest.raises(StreamError, match="after close"):
             call()
     with pytest.raises(TypeError, match="next"):
@@ -414,3 +453,22 @@ def test_as_tensor_blend_and_start_frame(ls):
         else:
             expect = cv2.imread(str(ls.avatar.frame_path(int(order[f.index]))), cv2.IMREAD_COLOR)
             assert np.array_equal(img, expect), f.index
+
+
+def test_a_second_consumer_gets_a_clear_error_after_its_timeout(runner, ls):
+    gated = GatedRunner(runner)
+    lsg = api.LipSync(ls.avatar, gated, batch_size=4)
+    try:
+        with lsg.live() as live:
+            live.push(make_speech(0.5, 16000, seed=12))
+            first = threading.Thread(target=live.next)
+            first.start()
+            first.join(0.3)
+            assert first.is_alive()
+            with pytest.raises(StreamError, match="one consumer"):
+                live.next(timeout=0.2)
+            gated.gate.set()
+            first.join(30)
+    finally:
+        gated.gate.set()
+        lsg.close()
