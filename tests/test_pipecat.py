@@ -43,7 +43,7 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSStoppedFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.processors.frame_processor import FrameProcessor  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
 try:
@@ -328,6 +328,116 @@ def test_frames_pass_through_in_order(ls):
     assert m == len(u)
     assert order[texts[1] - 1] is audios[(a + m - 1) // SLOT16]     # right after u's last sample plays
     assert texts[0] < order.index(audios[a // SLOT16])
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+
+def test_bad_frames_are_refused_one_line_and_the_stream_goes_on(ls):
+    """Frames that are not whole int16 samples, bad rates or channel counts, over MAX_FRAME_SECONDS: one ErrorFrame
+    each (one line), dropped; an upstream TTS frame and foreign frames pass; stereo is mixed to mono; the utterance
+    after all of them plays whole, and the stream is closed at the end."""
+    from lipsync_trt.pipecat.service import MAX_FRAME_SECONDS
+
+    rate = 16000
+    u = utterance(0.2, rate, seed=7)
+    stereo = np.stack([u, u], axis=1).reshape(-1)               # both channels the same: the mix is u exactly
+    foreign = OutputImageRawFrame(image=b"\0" * 12, size=(2, 2), format="RGB")
+    bad = [TTSAudioRawFrame(audio=b"\1\2\3", sample_rate=rate, num_channels=1),       # odd bytes
+           TTSAudioRawFrame(audio=u[:4].tobytes(), sample_rate=0, num_channels=1),
+           TTSAudioRawFrame(audio=u[:4].tobytes(), sample_rate=rate, num_channels=-1),
+           TTSAudioRawFrame(audio=u[:3].tobytes(), sample_rate=rate, num_channels=2),    # not whole stereo frames
+           TTSAudioRawFrame(audio=np.ones(25 * (MAX_FRAME_SECONDS + 1), np.int16).tobytes(), sample_rate=25,
+                            num_channels=1)]
+    service = LipSyncVideoService(ls, late_after=None)
+    down, up = run_pipeline(service, [*bad, foreign, TextFrame("x"),
+                                      TTSAudioRawFrame(audio=stereo.tobytes(), sample_rate=rate, num_channels=2),
+                                      SleepFrame(0.3)], rate)
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == len(bad), errors
+    assert all("TTSAudioRawFrame" in e and "\n" not in e for e in errors), errors
+    assert any(f is foreign for f in down) and any(isinstance(f, TextFrame) for f in down)
+    images, audios, _ = split(down)
+    out = np.frombuffer(b"".join(a.audio for a in audios), np.int16)
+    a, m = find(out, u)
+    assert m == len(u) and not out[:a].any() and not out[a + m:].any(), "stereo mixed to mono, nothing else played"
+    assert len(images) == len(audios) and service._source.live.closed
+
+
+def test_frames_after_end(ls):
+    """Frames queued after an EndFrame make nothing and raise nothing (the stream is closed at the EndFrame); TTS
+    audio reaching a closed service passes through as it came (voice, no video) and opens no second stream."""
+    rate = 16000
+    u = utterance(0.12, rate, seed=11)
+    service = LipSyncVideoService(ls)
+    tts = TTSAudioRawFrame(audio=u.tobytes(), sample_rate=rate, num_channels=1)
+    down, up = run_pipeline(service, [SleepFrame(0.2), EndFrame(), tts, TextFrame("after")], rate)
+    images, audios, _ = split(down)
+    assert not any(isinstance(f, ErrorFrame) for f in up), up
+    assert images and not any(f.metadata["lipsync"]["speech"] for f in images) and service._source.live.closed
+    frames, passed = service.stats["frames"], []
+
+    async def after():                # straight into the closed service (a Pipecat pipeline ends at its EndFrame)
+        async def keep(frame, direction=None):
+            passed.append(frame)
+        service.push_frame = keep
+        await service.process_frame(tts, FrameDirection.DOWNSTREAM)
+        await service.process_frame(TextFrame("later"), FrameDirection.DOWNSTREAM)
+
+    asyncio.run(after())
+    assert service.stats["frames"] == frames and passed[0] is tts and passed[1].text == "later"
+    assert not any(isinstance(f, (OutputImageRawFrame, ErrorFrame)) for f in passed)
+
+
+def test_huge_tts_frame_then_barge_in_keeps_the_clock(ls):
+    """60 s of TTS in one frame at 24 kHz with the default late rule: the clock keeps 25 fps (speech frames this CPU
+    does not make in time go out late, as the template, their audio on time), the audio is the frame's samples in
+    order, and a barge-in cuts it."""
+    rate = 24000
+    slot = rate // 25
+    rng = np.random.default_rng(8)
+    x = np.clip(rng.normal(0, 3000, 60 * rate), -32768, 32767).astype(np.int16)
+    x[0] = x[0] or 1
+    service = LipSyncVideoService(ls)
+    heard = []
+    service.on_frame = lambda step, t: heard.append(t) if step.pcm.count(0) < len(step.pcm) else None
+
+    async def play(sc):
+        await sc.push_frame(TTSAudioRawFrame(audio=x.tobytes(), sample_rate=rate, num_channels=1))
+        await until(lambda: len(heard) >= 25, "a second of the long frame")
+        await sc.push_frame(InterruptionFrame())
+        await sc.wait_frames(sc.service.stats["frames"] + 10)
+
+    down, up = run_pipeline(Pipeline([Script(service, [play]), service]), [], rate)
+    assert not any(isinstance(f, ErrorFrame) for f in up), up
+    images, audios, _ = split(down)
+    out = np.frombuffer(b"".join(a.audio for a in audios), np.int16)
+    start = int(np.flatnonzero(out)[0])
+    played = len(np.flatnonzero(out.reshape(-1, slot).any(axis=1)))
+    assert np.array_equal(out[start:start + played * slot], x[:played * slot])
+    assert 25 <= played < 60 and not out[start + played * slot:].any(), "the barge-in did not cut the long frame"
+    assert len(heard) == played and heard[-1] - heard[0] < 60 * 0.04 * played, "the clock stalled"
+    assert service.stats["late"] + service.stats["speech"] >= played   # late speech frames count in both
+
+
+def test_two_services_share_one_lipsync_from_two_tasks(ls):
+    """Two pipelines (two services, one LipSync and its batcher) run at once on one event loop: each plays its own
+    utterance whole, sample for sample, on its own timeline; neither sees the other's audio."""
+    rate = 16000
+    us = [utterance(0.2, rate, seed=9), utterance(0.24, rate, seed=10)]
+    services = [LipSyncVideoService(ls, late_after=None) for _ in us]
+
+    async def both():
+        runs = [run_test(s, frames_to_send=[SleepFrame(0.1), *tts_frames(u, rate), SleepFrame(0.3)],
+                         pipeline_params=PipelineParams(audio_out_sample_rate=rate), start_timeout=60.0)
+                for s, u in zip(services, us)]
+        return await asyncio.gather(*runs)
+
+    for (down, up), u, other in zip(asyncio.run(both()), us, reversed(us)):
+        images, audios, _ = split(down)
+        assert [f.metadata["lipsync"]["index"] for f in images] == list(range(len(images))) and images
+        out = np.frombuffer(b"".join(a.audio for a in audios), np.int16)
+        a, m = find(out, u)
+        assert m == len(u) and not out[:a].any() and not out[a + m:].any()
 
 
 # ------------------------------------------------------------------------------------------------ remote mode
