@@ -117,6 +117,8 @@ class Media:
         self.audio = QueueTrack("audio", self.started)
         self.counts: Counter = Counter()
         self.behind_s = 0.0                          # how far the last frame went out after its schedule
+        self.last_index = -1                         # the last frame taken from the live stream
+        self.interrupted_at: int | None = None       # the first frame after the last interrupt (its audio dropped)
         self.lookahead = live.lookahead
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lipsync-webrtc")
         self._resampler = AudioResampler(format="s16", layout="mono", rate=self.rate)
@@ -150,12 +152,14 @@ class Media:
         """Barge-in from the peer: the audio not yet played is dropped, the gate closes."""
         self.gate.reset()
         self.live.interrupt()
+        self.interrupted_at = self.last_index + 1
         self.counts["interrupts"] += 1
 
     # -- outgoing
     def _take(self):
         """(Clock thread) the next live frame, and its video and audio frames stamped from its index."""
         f = self.live.next(timeout=self.wait_s)
+        self.last_index = f.index
         img = f.image
         if self.size is not None and (img.shape[1], img.shape[0]) != self.size:
             import cv2
@@ -203,7 +207,7 @@ class Media:
         c = self.counts
         return {"frames": c["frames"], "speech": c["speech"], "idle": c["idle"], "late": c["late"],
                 "video_dropped": self.video.dropped, "clock_slips": c["clock_slips"],
-                "interrupts": c["interrupts"], "lookahead_ms": self.lookahead * 1000 // FPS,
+                "interrupts": c["interrupts"], "interrupted_at": self.interrupted_at, "lookahead_ms": self.lookahead * 1000 // FPS,
                 "preroll_ms": round(self.gate.preroll * 1000 / self.rate), "wait_ms": round(self.wait_s * 1000),
                 "behind_ms": round(self.behind_s * 1000, 1)}
 
