@@ -303,12 +303,18 @@ def analyse(rec: Recording, templates: list[np.ndarray], boxes, lookahead: int, 
 # ---------------------------------------------------------------------------------------------- measuring
 
 def latency_wav(path: Path, lead_s: float, bursts: int, burst_s: float, gap_s: float) -> Path:
-    """Silence, then `bursts` bursts of demo speech, each followed by gap_s of silence, 48 kHz mono PCM16."""
+    """Silence, then `bursts` bursts of demo speech, each followed by gap_s of silence, 48 kHz mono PCM16. The
+    demo speech's syllables repeat every few hundred ms, so each burst is scaled by its own seeded random level per
+    30 ms (0.3..1, smoothed over 5 ms): the bursts then align with the received audio at one lag only."""
     from ..demo import make_speech, write_wav
 
     parts = [np.zeros(int(lead_s * RATE), np.float32)]
+    block, ramp = RATE * 3 // 100, RATE // 200
     for b in range(bursts):
-        parts += [make_speech(burst_s, rate=RATE, seed=b), np.zeros(int(gap_s * RATE), np.float32)]
+        x = make_speech(burst_s, rate=RATE, seed=b)
+        gains = np.random.default_rng(1000 + b).uniform(0.3, 1.0, len(x) // block + 1)
+        env = np.convolve(np.repeat(gains, block)[:len(x)], np.ones(ramp) / ramp, mode="same")
+        parts += [(x * env).astype(np.float32), np.zeros(int(gap_s * RATE), np.float32)]
     return write_wav(path, np.concatenate(parts), RATE)
 
 
@@ -324,6 +330,15 @@ async def measure_latency(url: str, model: str, wav: Path, seconds: float, templ
     peer = Peer(url, model, wav)
     await peer.connect()
     await asyncio.sleep(seconds)
+    # a server clock that fell behind (a slip) plays the end later: wait (10 s at most) until the received audio
+    # reaches 1.5 s past the end of what was sent
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        sent_end = max((p + len(x) for _, p, x in peer.rec.sent), default=0)
+        got_end = max((p + len(x) for _, p, x in peer.rec.audio), default=0)
+        if got_end >= sent_end + int(1.5 * RATE):
+            break
+        await asyncio.sleep(0.2)
     await peer.close()
     return analyse(peer.rec, templates, boxes, lookahead, gap_s, changed_levels, burst_s)
 
