@@ -57,6 +57,7 @@ from lipsync_trt.bench import reference  # noqa: E402
 from lipsync_trt.demo import demo_checkpoints, make_speech  # noqa: E402
 from lipsync_trt.errors import AudioError  # noqa: E402
 from lipsync_trt.pipecat import LipSyncVideoService  # noqa: E402
+from lipsync_trt.pipecat.source import to_pcm16  # noqa: E402
 
 BACKEND = "onnxruntime" if backends.available()["onnxruntime"].usable else "torch"
 MAX_LEVEL = 1               # levels, anywhere (float32 reordering; tests/test_stream.py)
@@ -461,6 +462,39 @@ def as_jpeg(img: np.ndarray) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     assert ok
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+
+@pytest.mark.parametrize("rate", [16000, 24000])
+def test_remote_timeline_is_the_cores(ls, rate):
+    """The remote source's own model of the timeline (no server: what it sends is not needed here) against
+    LipSync.live() itself, frame by frame over a random script of bursts, sub-slot pieces, partial slots and
+    barge-ins: the same audio sample for sample and the same speech flags (the core's rule: a pushed sample within
+    the frame's receptive field widened by the resampler's reach). next(timeout=0) gives the core's flags without
+    waiting for any image."""
+    from lipsync_trt.pipecat.remote import RemoteLive
+
+    rng = np.random.default_rng(rate)
+    spf = rate // 25
+    remote = RemoteLive("ws://unused/", "demo")
+    remote._start_timeline(rate)
+    script = {}
+    for k in sorted(rng.choice(np.arange(2, 150), 10, replace=False)):
+        op = rng.choice(["burst", "pieces", "interrupt"], p=[0.45, 0.4, 0.15])
+        n = int(rng.integers(1, 15 * spf)) if op == "burst" else int(rng.integers(1, 3 * spf // 2))
+        script[int(k)] = (op, np.rint(rng.normal(0, 3000, n)).astype(np.int16))
+    with ls.live(rate=rate) as live:
+        for k in range(170):
+            op, x = script.get(k, (None, None))
+            if op == "interrupt":
+                live.interrupt()
+            elif op is not None:
+                live.push(x)
+            f = live.next(timeout=0)
+            j = remote._advance([x] if op in ("burst", "pieces") else [], op == "interrupt")
+            assert f.index == j == k
+            assert remote._is_speech(k) == f.speech, f"frame {k}: speech flag ({rate} Hz)"
+            assert np.array_equal(to_pcm16(remote._finish(k)), to_pcm16(f.audio)), f"frame {k}: audio"
+    assert live.stats["speech"] > 20 and live.stats["idle"] > 20
 
 
 @pytest.mark.slow

@@ -126,25 +126,7 @@ class RemoteLive:
     async def open(self, rate: int) -> None:
         import aiohttp
 
-        from ..live import exact_slot
-
-        self.samples_per_frame = exact_slot(rate)
-        self.rate = int(rate)
-        self.lookahead = lookahead(self.rate)
-        self._reach = -(-hold_back(self.rate) // R.SAMPLES_PER_FRAME)   # as Live's
-        self._slots: dict[int, np.ndarray] = {}
-        self._pushed: dict[int, bool] = {}
-        self._dropped: set[int] = set()              # slots the server heard with audio that was then dropped
-        self._returned = self._committed = self._planned = 0
-        self._pending = np.zeros(0, np.float32)
-        self._fed = 0                                # slots given to the 24 kHz chunker
-        self._out24 = np.zeros(0, np.float32)
-        self._chunks_sent = 0
-        self._rs = None
-        if self.rate != STREAM_RATE:
-            import soxr
-
-            self._rs = soxr.ResampleStream(self.rate, STREAM_RATE, 1, dtype="float32", quality="HQ")
+        self._start_timeline(rate)
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
@@ -162,14 +144,9 @@ class RemoteLive:
 
     async def step(self, chunks: list[np.ndarray], interrupt: bool, timeout: float | None) -> Step:
         self._check()
-        if interrupt:
-            self._interrupt()
-        for c in chunks:
-            self._push(c)
-        k = self._returned
-        self._commit(k + self.lookahead + 1)
+        k = self._advance(chunks, interrupt)
         await self._send()
-        speech = any(self._pushed.get(s, False) for s in self._span(k))
+        speech = self._is_speech(k)
         late = False
         image = None
         if speech and any(s in self._dropped for s in self._span(k)):
@@ -183,13 +160,9 @@ class RemoteLive:
                 image = await asyncio.to_thread(self._composite, k, r)
         if image is None:
             image = self.templates.frame(self.templates.template_of(k))
-        audio = self._slots[k]
-        self._returned = k + 1
+        audio = self._finish(k)
         for i in [i for i in self._mouths if i <= k]:
             del self._mouths[i]
-        for s in [s for s in self._slots if s < k - 3 * self._reach - 2 * R.FEATURE_CONTEXT]:
-            del self._slots[s], self._pushed[s]
-            self._dropped.discard(s)
         self.stats["speech" if speech else "idle"] += 1
         self.stats["late"] += late
         return Step(k, to_rgb(image), to_pcm16(audio), speech, late)
@@ -206,6 +179,47 @@ class RemoteLive:
             self._session = None
 
     # -- the timeline (the rules of lipsync_trt.live.Live)
+    def _start_timeline(self, rate: int) -> None:
+        from ..live import exact_slot
+
+        self.samples_per_frame = exact_slot(rate)
+        self.rate = int(rate)
+        self.lookahead = lookahead(self.rate)
+        self._hold = hold_back(self.rate)            # 16 kHz samples one input sample reaches (Live.hold)
+        self._reach = -(-self._hold // R.SAMPLES_PER_FRAME)
+        self._slots: dict[int, np.ndarray] = {}
+        self._pushed: dict[int, tuple[int, int] | None] = {}   # slot -> its pushed samples [a, b), or None
+        self._dropped: set[int] = set()              # slots the server heard with audio that was then dropped
+        self._returned = self._committed = self._planned = 0
+        self._pending = np.zeros(0, np.float32)
+        self._fed = 0                                # slots given to the 24 kHz chunker
+        self._out24 = np.zeros(0, np.float32)
+        self._chunks_sent = 0
+        self._rs = None
+        if self.rate != STREAM_RATE:
+            import soxr
+
+            self._rs = soxr.ResampleStream(self.rate, STREAM_RATE, 1, dtype="float32", quality="HQ")
+
+    def _advance(self, chunks: list[np.ndarray], interrupt: bool) -> int:
+        """Apply a barge-in, push the audio, commit what the next frame k needs (slot k + L); returns k."""
+        if interrupt:
+            self._interrupt()
+        for c in chunks:
+            self._push(c)
+        k = self._returned
+        self._commit(k + self.lookahead + 1)
+        return k
+
+    def _finish(self, k: int) -> np.ndarray:
+        """Frame k is returned: its audio, and forget what no later frame reads."""
+        audio = self._slots[k]
+        self._returned = k + 1
+        for s in [s for s in self._slots if s < k - 3 * self._reach - 2 * R.FEATURE_CONTEXT]:
+            del self._slots[s], self._pushed[s]
+            self._dropped.discard(s)
+        return audio
+
     def _push(self, chunk: np.ndarray) -> None:
         x = np.asarray(chunk)
         x = x.astype(np.float32) * np.float32(1 / 32768) if x.dtype == np.int16 else x.astype(np.float32)
@@ -213,11 +227,12 @@ class RemoteLive:
         s = self.samples_per_frame
         full = len(pending) // s
         for j in range(full):
-            self._plan(pending[j * s:(j + 1) * s].copy(), True)
+            self._plan(pending[j * s:(j + 1) * s].copy(), s)
         self._pending = pending[full * s:].copy()
 
-    def _plan(self, samples: np.ndarray, pushed: bool) -> None:
-        self._slots[self._planned], self._pushed[self._planned] = samples, pushed
+    def _plan(self, samples: np.ndarray, got: int) -> None:
+        """The next slot: `got` pushed samples at its start (the rest silence)."""
+        self._slots[self._planned], self._pushed[self._planned] = samples, ((0, got) if got else None)
         self._planned += 1
 
     def _commit(self, n: int) -> None:
@@ -226,7 +241,7 @@ class RemoteLive:
             if self._planned == self._committed:
                 take = self._pending[:s]
                 self._pending = self._pending[len(take):]
-                self._plan(np.concatenate([take, np.zeros(s - len(take), np.float32)]), len(take) > 0)
+                self._plan(np.concatenate([take, np.zeros(s - len(take), np.float32)]), len(take))
             self._committed += 1
 
     def _interrupt(self) -> None:
@@ -235,20 +250,33 @@ class RemoteLive:
         self._pending = np.zeros(0, np.float32)
         keep = max(self._committed, self._fed)
         for s in range(self._returned, self._planned):
-            if self._pushed[s] and s < self._fed:
+            if self._pushed[s] is not None and s < self._fed:
                 self._dropped.add(s)
             if s < keep:
-                self._slots[s], self._pushed[s] = np.zeros(self.samples_per_frame, np.float32), False
+                self._slots[s], self._pushed[s] = np.zeros(self.samples_per_frame, np.float32), None
             else:
                 del self._slots[s], self._pushed[s]
         self._planned = self._committed = max(keep, self._committed)
         self.stats["interrupts"] += 1
 
     def _span(self, frame: int) -> range:
-        """Slots whose samples can reach frame i's receptive field (Live._slot_span)."""
+        """Slots whose samples can reach frame i's receptive field (Live._slot_span: `hold` 16 kHz samples either
+        way through the resampler's filter)."""
         lo, hi = R.receptive_field(frame)
         spf = R.SAMPLES_PER_FRAME
-        return range(max(lo // spf - self._reach, 0), (hi - 1) // spf + self._reach + 1)
+        return range(max((lo - self._hold) // spf, 0), (hi - 1 + self._hold) // spf + 1)
+
+    def _is_speech(self, frame: int) -> bool:
+        """Whether a pushed sample lies in frame i's receptive field widened by the filter's reach (Live._is_speech;
+        tests/test_pipecat.py checks the flags equal the in-process ones)."""
+        lo, hi = R.receptive_field(frame)
+        lo, hi = lo - self._hold, hi + self._hold
+        spf, scale = R.SAMPLES_PER_FRAME, R.SAMPLES_PER_FRAME / self.samples_per_frame
+        for s in self._span(frame):
+            p = self._pushed.get(s)
+            if p is not None and s * spf + p[0] * scale < hi and s * spf + p[1] * scale > lo:
+                return True
+        return False
 
     # -- the wire
     async def _send(self) -> None:

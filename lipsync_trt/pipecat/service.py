@@ -54,7 +54,9 @@ class LipSyncVideoService(AIService):
     late_after: seconds past a frame's due time that the clock waits for a speech frame before sending it late (the
         template, audio on time); None waits as long as the device needs (frames then come slower than real time
         on a slow device; tests and offline rendering use it).
-    sync_with_audio: mark images so the output transport shows each with its own audio (Pipecat >= 0.0.107).
+    sync_with_audio: mark images so the output transport shows each with its own audio (Pipecat >= 0.0.107); the
+        transport must then have video_out_is_live=False (its default; a "live" transport ignores the mark),
+        video_out_framerate=25 and video_out_width/height = the avatar's size.
     """
 
     def __init__(self, lipsync=None, idle: str = "template", *, rate: int | None = None,
