@@ -572,3 +572,79 @@ def test_remote_service_through_pipecat(ls, server, demo):
         if not f.metadata["lipsync"]["speech"]:
             assert np.array_equal(bgr(f, av.height, av.width), template(demo["avatar"], order_t[k])), k
     assert service.stats["speech"] >= len(u) // slot
+
+
+# ------------------------------------------------------------------------------------------------ the example bot
+
+@pytest.mark.slow
+def test_echo_bot_example_serves_video_and_voice(demo, tmp_path):
+    """examples/pipecat_echo_bot.py --demo, one command: an aiortc client offers a WAV of speech as its microphone and
+    gets back video at the avatar's size and the voice (the speech it sent, above the gate) through the SmallWebRTC
+    transport; the bot ends the session when the client leaves and stops on Ctrl-C."""
+    import signal
+    import socket
+    import time
+
+    aiortc = pytest.importorskip("aiortc")
+    aiohttp = pytest.importorskip("aiohttp")
+    from aiortc.contrib.media import MediaPlayer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    example = Path(__file__).resolve().parents[1] / "examples" / "pipecat_echo_bot.py"
+    bot = subprocess.Popen([sys.executable, str(example), "--demo", "--backend", BACKEND, "--host", "127.0.0.1",
+                            "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while "open http" not in line:
+            line = bot.stdout.readline()
+            assert line or bot.poll() is None, "the bot exited before serving"
+            assert time.monotonic() < deadline, "the bot did not start in 240 s"
+
+        async def call():
+            pc = aiortc.RTCPeerConnection()
+            pc.addTransceiver(MediaPlayer(str(demo["audio"])).audio, direction="sendrecv")
+            pc.addTransceiver("video", direction="recvonly")
+            pc.createDataChannel("signalling")
+            got = {"video": [], "audio": []}
+
+            @pc.on("track")
+            def on_track(track):
+                async def pump():
+                    while True:
+                        try:
+                            f = await track.recv()
+                        except Exception:
+                            return
+                        if track.kind == "video":
+                            got["video"].append((f.width, f.height))
+                        else:
+                            got["audio"].append(int(np.abs(f.to_ndarray()).max()))
+                asyncio.ensure_future(pump())
+
+            await pc.setLocalDescription(await pc.createOffer())
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{port}/api/offer", json={
+                        "sdp": pc.localDescription.sdp, "type": pc.localDescription.type}) as r:
+                    assert r.status == 200, await r.text()
+                    answer = await r.json()
+            await pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+            await asyncio.sleep(8)
+            await pc.close()
+            await asyncio.sleep(1)
+            return got
+
+        got = asyncio.run(call())
+        h, w = AV.load(demo["avatar"]).height, AV.load(demo["avatar"]).width
+        assert len(got["video"]) > 50 and set(got["video"]) == {(w, h)}, got["video"][:5]
+        assert sum(m > 1000 for m in got["audio"]) > 25, "the speech did not come back"
+    finally:
+        bot.send_signal(signal.SIGINT)
+        try:
+            out = bot.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            bot.kill()
+            out = bot.communicate()[0]
+    assert "session ended" in out, out[-2000:]
