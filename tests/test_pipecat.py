@@ -389,6 +389,43 @@ def test_frames_after_end(ls):
     assert not any(isinstance(f, (OutputImageRawFrame, ErrorFrame)) for f in passed)
 
 
+def test_tts_at_another_rate_is_resampled_once(ls):
+    """TTS at 16 kHz into a 24 kHz pipeline: the audio out is at 24 kHz and equals soxr's one-shot HQ resampling of
+    the utterance (the stream resampler's tail is flushed at TTSStoppedFrame), within 2 LSB; nothing else plays."""
+    import soxr
+
+    u = utterance(0.4, 16000, seed=12)
+    service = LipSyncVideoService(ls)                  # the default late rule: this test looks at the audio only
+    down, up = run_pipeline(service, [SleepFrame(0.1), *tts_frames(u, 16000), TTSStoppedFrame(), SleepFrame(0.2)],
+                            24000)
+    assert not any(isinstance(f, ErrorFrame) for f in up), up
+    images, audios, _ = split(down)
+    assert audios and all(a.sample_rate == 24000 and len(a.audio) == 2 * 960 for a in audios)
+    out = np.frombuffer(b"".join(a.audio for a in audios), np.int16).astype(np.int32)
+    want = np.rint(soxr.resample(u.astype(np.float32) / 32768, 16000, 24000, "HQ") * 32768).astype(np.int32)
+    start = int(np.flatnonzero(np.abs(out) > 2)[0])
+    start -= int(np.flatnonzero(np.abs(want) > 2)[0])
+    got = out[start:start + len(want)]
+    assert start % 960 == 0 and len(got) == len(want) == 24000 * 4 // 10
+    assert np.abs(got - want).max() <= 2, f"max {np.abs(got - want).max()} LSB from soxr's one-shot resampling"
+    assert not out[:start].any() and not out[start + len(want):].any()
+
+
+def test_cancel_frame_closes_the_stream_at_once(ls):
+    """A CancelFrame in the middle of an utterance: the stream is closed without playing the rest."""
+    from pipecat.frames.frames import CancelFrame
+
+    rate = 16000
+    u = utterance(2.0, rate, seed=13)
+    service = LipSyncVideoService(ls)
+    down, _ = asyncio.run(run_test(service, frames_to_send=[*tts_frames(u, rate), SleepFrame(0.5), CancelFrame()],
+                                   pipeline_params=PipelineParams(audio_out_sample_rate=rate), start_timeout=60.0,
+                                   send_end_frame=False))
+    images, audios, _ = split(list(down))
+    out = np.frombuffer(b"".join(a.audio for a in audios), np.int16)
+    assert len(out) < len(u) // 2 and service._source.live.closed
+
+
 def test_huge_tts_frame_then_barge_in_keeps_the_clock(ls):
     """60 s of TTS in one frame at 24 kHz with the default late rule: the clock keeps 25 fps (speech frames this CPU
     does not make in time go out late, as the template, their audio on time), the audio is the frame's samples in
