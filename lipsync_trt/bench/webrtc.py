@@ -368,7 +368,8 @@ async def measure_idle(url: str, model: str, pid: int, streams: int, seconds: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench webrtc", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backend", default="onnxruntime", help="the server's --backend (default onnxruntime)")
     p.add_argument("--bursts", type=int, default=6, help="speech bursts in the latency WAV (default 6)")
     p.add_argument("--burst-s", type=float, default=0.8, help="length of each burst (default 0.8 s)")
@@ -431,7 +432,8 @@ def _print(r: dict) -> None:
         if not o["received"]:
             print(f"  onset at {o['onset_sent_s']} s: not found in the received audio (envelope corr {o['corr']})")
             continue
-        print(f"  onset at {o['onset_sent_s']} s (corr {o['corr']}): heard +{o['to_heard_ms']} ms, its frame +{o['to_its_frame_ms']} ms "
+        print(f"  onset at {o['onset_sent_s']} s (corr {o['corr']}): heard +{o['to_heard_ms']} ms, "
+              f"its frame +{o['to_its_frame_ms']} ms "
               f"(generated: {o['its_mouth_generated']}), first changed mouth +{o['to_first_changed_mouth_ms']} ms "
               f"(frame {o['first_changed_frame']} for onset frame {o['frame']}); burst frames generated "
               f"{o['burst_frames_generated']}")

@@ -207,7 +207,8 @@ class Media:
         c = self.counts
         return {"frames": c["frames"], "speech": c["speech"], "idle": c["idle"], "late": c["late"],
                 "video_dropped": self.video.dropped, "clock_slips": c["clock_slips"],
-                "interrupts": c["interrupts"], "interrupted_at": self.interrupted_at, "lookahead_ms": self.lookahead * 1000 // FPS,
+                "interrupts": c["interrupts"], "interrupted_at": self.interrupted_at,
+                "lookahead_ms": self.lookahead * 1000 // FPS,
                 "preroll_ms": round(self.gate.preroll * 1000 / self.rate), "wait_ms": round(self.wait_s * 1000),
                 "behind_ms": round(self.behind_s * 1000, 1)}
 
