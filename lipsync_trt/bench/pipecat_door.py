@@ -10,7 +10,9 @@ audio on time). Stamped with one wall clock:
 - onset -> first mouth: to the first generated (speech, not late) image of that utterance, which may come before
   its sound (the recipe's receptive field reaches ahead), or never, when every frame came late;
 - late share: late speech frames / speech frames (the service's counts); idle frames are the template, never late;
-- clock: the spacing of frames pushed downstream (p50/p99 |spacing - 40 ms|).
+- clock: the spacing of frames pushed downstream (p50/p99 |spacing - 40 ms|);
+- with --idle-services N: the CPU (this process, all threads) of N services idle side by side, minus the same
+  pipelines with a pass-through in the service's place, per service (no transport: its video encoding is extra).
 """
 from __future__ import annotations
 
@@ -103,6 +105,40 @@ async def _run(ls, rate: int, utterances: int, seconds: float, gap: float, late_
     }
 
 
+async def _idle(ls, rate: int, services: int, seconds: float) -> dict:
+    """CPU time of this process (all threads) while `services` services run idle side by side for `seconds`, minus
+    the same pipelines with a pass-through processor in the service's place, per service."""
+    from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    try:
+        from pipecat.pipeline.worker import PipelineParams
+    except ImportError:                                      # pragma: no cover
+        from pipecat.pipeline.task import PipelineParams
+
+    from ..pipecat import LipSyncVideoService
+
+    class PassThrough(FrameProcessor):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            await self.push_frame(frame, direction)
+
+    async def measure(make):
+        procs = [make() for _ in range(services)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*[run_test(p, frames_to_send=[SleepFrame(seconds)], start_timeout=60.0,
+                                        pipeline_params=PipelineParams(audio_out_sample_rate=rate)) for p in procs])
+        return time.process_time() - c0, time.perf_counter() - t0, procs
+
+    base_cpu, base_wall, _ = await measure(PassThrough)
+    cpu, wall, procs = await measure(lambda: LipSyncVideoService(ls))
+    frames = sum(p.stats["frames"] for p in procs)
+    per = (cpu / wall - base_cpu / base_wall) / services
+    return {"idle_services": services, "idle_seconds": seconds, "idle_run_frames": frames,
+            "idle_run_speech_frames": sum(p.stats["speech"] for p in procs),
+            "idle_cpu_cores_per_service": round(per, 4), "idle_cpu_cores_baseline": round(base_cpu / base_wall, 4)}
+
+
 def _late_after(text: str):
     if text.lower() == "none":
         return None
@@ -121,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=2.0, help="silence before and between utterances (s)")
     p.add_argument("--late-after", type=_late_after, default=0.0,
                    help="the service's late_after: seconds past due (default 0), or 'none' to wait for every frame")
+    p.add_argument("--idle-services", type=int, default=0,
+                   help="also measure the CPU of this many idle services side by side (e.g. 8)")
+    p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
     try:
@@ -140,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     with ls:
         result = asyncio.run(_run(ls, args.rate, args.utterances, args.seconds, args.gap, args.late_after,
                                   ls.runner.name))
+        if args.idle_services > 0:
+            result.update(asyncio.run(_idle(ls, args.rate, args.idle_services, args.idle_seconds)))
     import os
     import subprocess
 
