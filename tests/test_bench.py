@@ -87,6 +87,8 @@ def test_compare_against_itself(quick_run):
     (["distributed", "serve"], "python -m lipsync_trt.bench distributed serve"),
     (["template-cache"], "python -m lipsync_trt.bench template-cache"),
     (["live"], "python -m lipsync_trt.bench live"),
+    (["webrtc"], "python -m lipsync_trt.bench webrtc"),
+    (["pipecat"], "python -m lipsync_trt.bench pipecat"),
 ])
 def test_one_entry_point_runs_every_benchmark(argv, prog, capsys):
     """python -m lipsync_trt.bench NAME runs that benchmark (its own --help), the offline one without a NAME; the
@@ -100,7 +102,7 @@ def test_one_entry_point_runs_every_benchmark(argv, prog, capsys):
     assert out.startswith(f"usage: {prog} ")
     if not argv:
         listed = out[out.index("benchmarks:"):]
-        for name in ("offline", "serve", "distributed", "template-cache", "live"):
+        for name in ("offline", "serve", "distributed", "template-cache", "live", "webrtc", "pipecat"):
             assert f"\n  {name} " in listed, (name, listed)
 
 
