@@ -55,7 +55,7 @@ _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 class _Session:
     def __init__(self, path: Path, net: NetworkIO, device: torch.device, threads: int, providers: list,
-                 spinning: bool = False):
+                 spinning: bool = False, mem_pattern: bool = True):
         if not path.is_file():
             raise BackendError(f"{path}: ONNX file not found")
         so = ort.SessionOptions()
@@ -65,6 +65,7 @@ class _Session:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.enable_mem_pattern = mem_pattern
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.device = device
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
@@ -102,7 +103,7 @@ class _Session:
 class OrtRunner(Runner):
     def __init__(self, generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike,
                  device: torch.device = torch.device("cpu"), precision: str = "fp32", threads: int | None = None,
-                 spinning: bool = False):
+                 spinning: bool = False, mem_pattern: bool = True):
         super().__init__(name="onnxruntime", device=device, precision=precision)
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -115,11 +116,11 @@ class OrtRunner(Runner):
         else:
             raise BackendError(f"onnxruntime backend: unsupported device {device}; use cpu or cuda")
         self.threads = threads or physical_cores()
-        self.gen = _Session(Path(generator_onnx), GENERATOR, device, self.threads, providers, spinning)
-        self.enc = _Session(Path(encoder_onnx), AUDIO_ENCODER, device, self.threads, providers, spinning)
+        self.gen = _Session(Path(generator_onnx), GENERATOR, device, self.threads, providers, spinning, mem_pattern)
+        self.enc = _Session(Path(encoder_onnx), AUDIO_ENCODER, device, self.threads, providers, spinning, mem_pattern)
         self.info = {"generator_onnx": str(generator_onnx), "audio_encoder_onnx": str(encoder_onnx),
                      "providers": self.gen.session.get_providers(), "intra_op_threads": self.threads,
-                     "spinning": spinning,
+                     "spinning": spinning, "mem_pattern": mem_pattern,
                      "onnxruntime": ort.__version__}
 
     @property
@@ -147,8 +148,11 @@ def check(device: torch.device, precision: str) -> None:
 
 
 def load(generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike, device: torch.device,
-         precision: str = "fp32", threads: int | None = None, spinning: bool = False, **_: object) -> OrtRunner:
-    """An OrtRunner on `device` for two ONNX files (the generator's and the audio encoder's)."""
+         precision: str = "fp32", threads: int | None = None, spinning: bool = False, mem_pattern: bool = True,
+         **_: object) -> OrtRunner:
+    """An OrtRunner on `device` for two ONNX files (the generator's and the audio encoder's). `mem_pattern`: ONNX
+    Runtime's memory patterns, one pre-planned block kept for every input shape a session runs; the server turns
+    them off when it batches (a block per batch size 1..8 held 1.3 GB more at --max-batch 8, docs/PROTOCOL.md)."""
     reason = probe()
     if reason:
         raise BackendError(f"backend 'onnxruntime' is not usable here: {reason}")
@@ -157,4 +161,4 @@ def load(generator_onnx: str | os.PathLike, encoder_onnx: str | os.PathLike, dev
         if Path(path).suffix != ".onnx":
             raise BackendError(f"{path}: the onnxruntime backend runs .onnx files; "
                                "backends.load('onnxruntime', G.pth, A.pth) finds or exports them")
-    return OrtRunner(generator_onnx, encoder_onnx, device, precision, threads, spinning)
+    return OrtRunner(generator_onnx, encoder_onnx, device, precision, threads, spinning, mem_pattern)

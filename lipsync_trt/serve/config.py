@@ -99,11 +99,14 @@ def load_models(cfg: ServeConfig) -> tuple[dict[str, ModelEntry], object]:
     from .. import backends
 
     cfg.check()
+    options = dict(cfg.options)
+    if (cfg.max_batch or default_max_batch(backends.resolve_device(cfg.device))) > 1:
+        options.setdefault("mem_pattern", False)   # batches of 1..max_batch: no pre-planned block per size (ORT)
     runners: dict[str, object] = {}
     entries = {}
     for name, folder in cfg.avatars.items():
         gen = str(cfg.generators.get(name, cfg.generators.get(None)))
         if gen not in runners:
-            runners[gen] = backends.load(cfg.backend, gen, cfg.audio_encoder, cfg.device, cfg.precision, **cfg.options)
+            runners[gen] = backends.load(cfg.backend, gen, cfg.audio_encoder, cfg.device, cfg.precision, **options)
         entries[name] = ModelEntry(name=name, avatar=avatar_mod.load(folder), runner=runners[gen])
     return entries, next(iter(runners.values()))
