@@ -2,7 +2,7 @@
 `python -m lipsync_trt serve`, with Ray's HTTP proxy taking the WebSockets and replicas (one per GPU) serving them.
 
 Each replica is the plain server's core (`serve.server.Server`: models, avatars, the cross-stream batcher, the
-protocol's `serve.connection.Connection`, the HTTP answers of `serve.http`) behind a FastAPI ingress; this module is
+protocol's `serve.connection.Connection`, the HTTP answers of `serve.routes`) behind a FastAPI ingress; this module is
 only the transport. A WebSocket is one request
 to Serve, so one replica serves a connection for its whole life. Importable for `serve run` / KubeRay:
 `lipsync_trt.distributed.serve_app:build` with args {"argv": "<the serve command's options>"}.
@@ -15,9 +15,9 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, Response
 from ray import serve
 
-from ..serve import http
+from ..serve import routes
 from ..serve.config import ServeConfig, load_models
-from ..serve.http import STATIC
+from ..serve.routes import STATIC
 from ..serve.server import Server
 
 ingress = FastAPI(title="lipsync_trt", docs_url=None, redoc_url=None, openapi_url=None)
@@ -48,14 +48,14 @@ class _Socket:
 
 
 def _json(fn, *args, **extra) -> Response:
-    """One of the plain server's answers (serve/http.py) as a Starlette response, serialized as aiohttp's
+    """One of the plain server's answers (serve/routes.py) as a Starlette response, serialized as aiohttp's
     json_response does (json.dumps' defaults), so both transports send the same bytes; a missing name or frame is a
     404 with the same text."""
     import json
 
     try:
         return Response(json.dumps({**fn(*args), **extra}), media_type="application/json")
-    except http.NotFound as exc:
+    except routes.NotFound as exc:
         return Response(str(exc), status_code=404)
 
 
@@ -106,17 +106,17 @@ class Replica:
 
     @ingress.get("/avatars.json")
     async def avatars(self):
-        return _json(http.avatars, self.server)
+        return _json(routes.avatars, self.server)
 
     @ingress.get("/avatar/{name}/meta.json")
     async def meta(self, name: str):
-        return _json(http.meta, self.server, name)
+        return _json(routes.meta, self.server, name)
 
     @ingress.get("/avatar/{name}/frame/{n}.jpg")
     async def frame(self, name: str, n: str):
         try:
-            path = http.frame_path(self.server, name, n)
-        except http.NotFound as exc:
+            path = routes.frame_path(self.server, name, n)
+        except routes.NotFound as exc:
             return Response(str(exc), status_code=404)
         return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
 
@@ -126,13 +126,13 @@ class Replica:
         which)."""
         import os
 
-        return _json(http.stats, self.server, replica_pid=os.getpid())
+        return _json(routes.stats, self.server, replica_pid=os.getpid())
 
     @ingress.get("/metrics")
     async def metrics(self):
         """This replica's metrics (Prometheus text; a scraper reaches each replica through Ray's own metrics or
         one request per replica)."""
-        body, content_type = http.metrics(self.server)
+        body, content_type = routes.metrics(self.server)
         return Response(body, media_type=content_type.split(";")[0], headers={"Content-Type": content_type})
 
     def check_health(self) -> None:

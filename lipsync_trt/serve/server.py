@@ -3,7 +3,7 @@ streams and sockets, the idle sweep) with its aiohttp app: the WebSocket at ws:/
 at http://HOST:PORT/ (same path, told apart by the Upgrade header), static files, the avatars' template frames and
 metadata for the page, /stats and /metrics; `start` on a running loop, `ServerThread` (tests, benchmarks) and
 `run` (the CLI). Model names are keys of the registry built at start-up, never paths. The options are in config.py,
-one client connection in connection.py, the HTTP answers as plain data in http.py.
+one client connection in connection.py, the HTTP answers as plain data in routes.py.
 """
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import asyncio
 import threading
 import time
 
-from . import http
+from . import routes
 from .config import ServeConfig, default_max_batch, load_models
 from .connection import Connection, Socket
 from .protocol import WS_MAX_MESSAGE_BYTES, Status, error_response
 from .scheduler import ModelEntry, Packer
 from .session import Stream
 
-STATIC = http.STATIC
+STATIC = routes.STATIC
 
 
 class Server:
@@ -139,38 +139,38 @@ class Server:
             await self.release(ws, conn, writer)
         return ws
 
-    # -- aiohttp's answers to the plain data of http.py
+    # -- aiohttp's answers to the plain data of routes.py
     @staticmethod
     def _json(fn, *args):
         from aiohttp import web
 
         try:
             return web.json_response(fn(*args))
-        except http.NotFound as exc:
+        except routes.NotFound as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
 
     async def get_avatars(self, request):
-        return self._json(http.avatars, self)
+        return self._json(routes.avatars, self)
 
     async def get_meta(self, request):
-        return self._json(http.meta, self, request.match_info["name"])
+        return self._json(routes.meta, self, request.match_info["name"])
 
     async def get_stats(self, request):
-        return self._json(http.stats, self)
+        return self._json(routes.stats, self)
 
     async def get_frame(self, request):
         from aiohttp import web
 
         try:
-            path = http.frame_path(self, request.match_info["name"], request.match_info["n"])
-        except http.NotFound as exc:
+            path = routes.frame_path(self, request.match_info["name"], request.match_info["n"])
+        except routes.NotFound as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
         return web.FileResponse(path, headers={"Cache-Control": "max-age=3600"})
 
     async def get_metrics(self, request):
         from aiohttp import web
 
-        body, content_type = http.metrics(self)
+        body, content_type = routes.metrics(self)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
