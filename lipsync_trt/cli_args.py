@@ -93,6 +93,9 @@ BOUNDS: dict[str, tuple[float, float, str]] = {
     "--rate": (8_000, 384_000, "Hz"),
     "--audio-seconds": (0.2, SECONDS_MAX, "s: at least one mel window"),
     "--repeat": (1, 10_000, "runs"),
+    "--utterances": (1, 100_000, "utterances"),
+    "--idle-services": (0, 10_000, "services; 0: skip"),
+    "--idle-seconds": (0.04, SECONDS_MAX, "s"),
 }
 
 

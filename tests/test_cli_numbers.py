@@ -64,6 +64,9 @@ def test_every_benchmark_option_has_a_bound():
                             for k in node.keywords)
                     and node.args[0].value not in cli_args.BOUNDS):
                 missing.append(f"{path.name}: {node.args[0].value}")
+        text = path.read_text()
+        if ("type=int" in text or "type=float" in text) and "ArgumentParser(" in text:   # its parser must check them
+            missing.append(f"{path.name}: argparse.ArgumentParser instead of cli_args.Parser")
     assert missing == []
 
 

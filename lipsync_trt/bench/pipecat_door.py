@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import Parser
+
 BENCHMARK = ("pipecat", "LipSyncVideoService in a Pipecat pipeline: TTS onset -> its frame, late-frame share, clock")
 
 
@@ -149,7 +151,7 @@ def _late_after(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench pipecat", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m lipsync_trt.bench pipecat", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto")
     p.add_argument("--rate", type=int, default=24000, help="TTS / pipeline audio rate (default 24000)")
     p.add_argument("--utterances", type=int, default=3)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import Parser
+
 BENCHMARK = ("webrtc", "serve --webrtc from aiortc clients: glass-to-glass latency, late frames, CPU per idle stream")
 
 RATE = 48000                 # what Opus carries (aiortc decodes to 48 kHz)
@@ -367,7 +369,7 @@ async def measure_idle(url: str, model: str, pid: int, streams: int, seconds: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lipsync_trt.bench webrtc", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m lipsync_trt.bench webrtc", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backend", default="onnxruntime", help="the server's --backend (default onnxruntime)")
