@@ -199,3 +199,32 @@ def test_a_batcher_refuses_an_infinite_wait():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="finite"):
             Batcher(None, max_wait=bad)
+
+
+@pytest.mark.slow   # an in-process server; the client waits out its own 20 s timeout (no END follows the error)
+def test_server_streams_get_an_error_answer_when_the_worker_dies(runner, demo):
+    """Through the server: a stream whose batcher dies gets an INTERNAL answer naming the cause (no silent wait)."""
+    pytest.importorskip("aiohttp")
+    import asyncio
+
+    from lipsync_trt.demo import make_speech
+    from lipsync_trt.serve import client as C
+    from lipsync_trt.serve import protocol as P
+    from lipsync_trt.serve.config import ModelEntry, ServeConfig
+    from lipsync_trt.serve.server import ServerThread
+
+    cfg = ServeConfig(avatars={"demo": str(demo["avatar"])}, generators={None: str(demo["generator"])},
+                      audio_encoder=str(demo["audio_encoder"]), backend="torch", device="cpu", port=0)
+    dying = DyingRunner(runner, WorkerKilled("runtime aborted"), after=1)
+    srv = ServerThread(cfg, {"demo": ModelEntry("demo", AV.load(demo["avatar"]), dying)}, runner)
+    res = C.StreamResult()
+    try:
+        try:
+            asyncio.run(C.stream(srv.ws_url, "demo", make_speech(1.0, P.STREAM_RATE), result=res, timeout=20))
+        except Exception:   # noqa: BLE001 (no END follows the error answer: the client's own timeout)
+            pass
+        errors = [r.error for r in res.responses if r.status == P.Status.INTERNAL]
+        assert any("model worker died" in (e or "") and "WorkerKilled" in (e or "") for e in errors), res.responses
+        assert not srv.server.packer.batcher.alive   # (the health check reads it)
+    finally:
+        srv.stop()
