@@ -2,7 +2,8 @@
 each `next()` returns the next frame of the 25 fps timeline with its own 40 ms of audio, so a player shows lips
 and voice together and the avatar never goes dark.
 
-The timeline is a row of slots of rate/25 samples. `next()` returning frame k commits slot k + L (L =
+The timeline (`timeline.Timeline`: the slots, the queue of pushed audio, the speech rule) is a row of slots of
+rate/25 samples. `next()` returning frame k commits slot k + L (L =
 `recipe.live_lookahead`, the recipe's need plus the resampler's hold-back): pushed audio fills the slots after
 the committed ones, a slot no audio reached is silence. A frame whose receptive field (`recipe.receptive_field`)
 holds pushed audio is a speech frame, generated as `LipSync.frames()` makes it from the whole timeline; any
@@ -17,11 +18,10 @@ streams); this object is its client and decides which frames are ready.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +31,12 @@ from . import audio as A
 from . import batcher as B
 from . import recipe as R
 from . import stream as core
-from .errors import AudioError, StreamError, UsageError
+from .errors import StreamError, UsageError
+from .timeline import Timeline, exact_slot, hold_back, lookahead  # noqa: F401 (hold_back, lookahead: public here)
 
 IDLE_MODES = ("template", "generate")
 AHEAD = 12                  # frames past the one returned last that may be made ahead from queued audio (480 ms:
                             # slack for the generator; what an interrupt() may throw away)
-HOLD_BACK_PROBE = 400       # slots over which a rate's resampler hold-back is measured (many of its periods)
 _AGAIN = object()           # _wait_image: the timeline changed (interrupt) while waiting
 
 
@@ -54,31 +54,6 @@ class LiveFrame:
     late: bool = False
 
 
-@functools.lru_cache(maxsize=32)
-def hold_back(rate: int) -> int:
-    """The most 16 kHz samples the stream resampler holds back after a whole slot (rate/25 samples) of input: 0 at
-    16 kHz. It also bounds how far (in 16 kHz samples) one input sample reaches either way through its filter."""
-    if rate == R.SAMPLE_RATE:
-        return 0
-    slot = exact_slot(rate)
-    counts = core.output_counts(rate, slot, HOLD_BACK_PROBE)
-    return int((R.SAMPLES_PER_FRAME * np.arange(1, HOLD_BACK_PROBE + 1) - counts).max())
-
-
-def lookahead(rate: int) -> int:
-    """L at this input rate: frame k is made once slots 0..k+L are committed (12 at 24 kHz, 11 at 16 kHz)."""
-    return R.live_lookahead(hold_back(rate))
-
-
-def exact_slot(rate) -> int:
-    """Samples per video frame at `rate`; AudioError unless the rate is a valid one divisible by 25."""
-    rate = A.check_rate(rate, "live stream")
-    if rate % int(R.FPS):
-        raise AudioError(f"live stream: sample rate {rate} Hz is not divisible by {int(R.FPS)}: a frame's audio must "
-                         f"be whole samples (16000, 24000, 44100, 48000 are)")
-    return int(rate) // int(R.FPS)
-
-
 class Live:
     """A clocked live stream of one `LipSync` (see `LipSync.live`). `push` from any thread, `next` from one,
     `interrupt` from any; a context manager."""
@@ -91,7 +66,7 @@ class Live:
             raise UsageError(f"as_tensor={as_tensor!r}: expected True or False")
         if isinstance(start_frame, bool) or not isinstance(start_frame, (int, np.integer)):
             raise UsageError(f"start_frame={start_frame!r}: expected an int (a template frame index)")
-        self.samples_per_frame = exact_slot(rate)
+        self.samples_per_frame = exact_slot(rate)   # (AudioError for a bad rate, before anything is made)
         self.rate = int(rate)
         avatar.order(2, start_frame)                 # validates the start frame
         self.avatar, self.templates, self.batcher = avatar, templates, batcher
@@ -100,23 +75,13 @@ class Live:
         # which decides the frames they make ready; every result to `_on_result`
         self.core = core.Core(runner, templates, batcher, self._on_result, self._on_features, feather=feather,
                               wants=self._wants)
-        self.hold = hold_back(self.rate)
-        self.lookahead = R.live_lookahead(self.hold)
-        self.reach = -(-self.hold // R.SAMPLES_PER_FRAME)   # slots one input sample reaches through the filter
+        self.tl = Timeline(self.rate)                # the slots, the queue of pushed audio, the speech rule
+        self.hold, self.lookahead, self.reach = self.tl.hold, self.tl.lookahead, self.tl.reach
         self.stats: Counter = Counter()              # frames: speech, idle, late, generated (generator results)
         self._cond = threading.Condition(threading.RLock())
         self._next_lock = threading.Lock()
         self._closed = False
         self._failed: str | None = None
-        # the timeline, in slots: [0, returned) returned, [returned, committed) committed, [committed, planned)
-        # planned from full slots of pushed audio; `queue` holds the pushed samples not in a slot yet (cut into
-        # slots as the schedule needs them, so a long push costs no more than a short one under the lock);
-        # `pushed[s]`: the (start, end) of slot s that holds pushed samples, or None (silence)
-        self._slots: dict[int, np.ndarray] = {}
-        self._pushed: dict[int, tuple[int, int] | None] = {}
-        self._returned = self._committed = self._planned = 0
-        self._queue: deque = deque()
-        self._queued = 0
         # the 16 kHz audio of slots [0, fed), from x16_base; a restarted resampler's first `discard` samples dropped
         self._resampler = A.StreamResampler(self.rate)
         self._fed = 0
@@ -152,9 +117,8 @@ class Live:
             return
         with self._cond:
             self._check_open("push")
-            self._queue.append(np.array(x, np.float32))
-            self._queued += len(x)
-            if self._queued >= self.samples_per_frame:
+            self.tl.push(x)
+            if self.tl.queued >= self.samples_per_frame:
                 self._schedule()
 
     def next(self, timeout: float | None = None) -> LiveFrame:
@@ -175,9 +139,9 @@ class Live:
     def _next(self, deadline: float | None) -> LiveFrame:
         with self._cond:
             self._check_open("next")
-            k = self._returned
+            k = self.tl.returned
             while True:                              # again when an interrupt() from another thread changed frame k
-                self._commit(k + self.lookahead + 1)
+                self.tl.commit(k + self.lookahead + 1)
                 self._schedule()
                 if k >= self._decided:
                     raise RuntimeError(f"live: frame {k} undecided after committing slot {k + self.lookahead}")
@@ -197,8 +161,8 @@ class Live:
                 image = self._template(k)
             else:
                 image = image if self.as_tensor else image.cpu().numpy()
-            audio = self._slots[k].copy()
-            self._returned = k + 1
+            audio = self.tl.slots[k].copy()
+            self.tl.returned = k + 1
             self._images.pop(k, None)
             self._speech.pop(k, None)
             self.stats["speech" if speech else "idle"] += 1
@@ -211,15 +175,8 @@ class Live:
         is silence until new audio is pushed, and frames made ahead from the dropped audio are made again."""
         with self._cond:
             self._check_open("interrupt")
-            j = self._returned
-            self._queue.clear()
-            self._queued = 0
-            silence = np.zeros(self.samples_per_frame, np.float32)
-            for s in range(j, self._committed):
-                self._slots[s], self._pushed[s] = silence.copy(), None
-            for s in range(self._committed, self._planned):
-                del self._slots[s], self._pushed[s]
-            self._planned = self._committed
+            j = self.tl.returned
+            self.tl.silence(self.tl.committed)
             self._epoch += 1                         # results of requests made before are ignored
             self._requests.clear()
             self._asked.clear()
@@ -278,7 +235,7 @@ class Live:
             req = self._requests.pop(result.frame, None)
             if result.kind is B.Kind.FRAME:
                 self.stats["generated"] += 1
-            if req is None or req[0] != self._epoch or req[2] < self._returned:
+            if req is None or req[0] != self._epoch or req[2] < self.tl.returned:
                 return                               # made from dropped audio, or returned late already
             frame = req[2]
             if result.kind is B.Kind.FRAME:
@@ -296,61 +253,11 @@ class Live:
         if self._failed is not None:
             raise StreamError(f"live stream failed: {self._failed}")
 
-    def _plan_one(self) -> None:
-        """Cut the next slot from the queue: a full slot, or what is left padded with silence (none: silence)."""
-        spf, parts, got = self.samples_per_frame, [], 0
-        while self._queue and got < spf:
-            x = self._queue[0]
-            take = x[:spf - got]
-            parts.append(take)
-            got += len(take)
-            if len(take) == len(x):
-                self._queue.popleft()
-            else:
-                self._queue[0] = x[len(take):]
-        self._queued -= got
-        slot = np.zeros(spf, np.float32)
-        if got:
-            slot[:got] = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        self._slots[self._planned], self._pushed[self._planned] = slot, ((0, got) if got else None)
-        self._planned += 1
-
-    def _take(self, n: int) -> None:
-        """Plan full slots from the queue, up to slot n."""
-        while self._planned < n and self._queued >= self.samples_per_frame:
-            self._plan_one()
-
-    def _commit(self, n: int) -> None:
-        """Fix slots up to n: planned ones as they are, then what is queued (a partial slot padded with silence),
-        then silence."""
-        while self._committed < n:
-            if self._planned == self._committed:
-                self._plan_one()
-            self._committed += 1
-
-    def _slot_span(self, frame: int) -> range:
-        """Slots whose samples can reach frame i's receptive field (through the resampler's filter: `hold` 16 kHz
-        samples either way); its end is at most i + L + 1, what next() has committed for frame i."""
-        lo, hi = R.receptive_field(frame)
-        spf = R.SAMPLES_PER_FRAME
-        return range(max((lo - self.hold) // spf, 0), (hi - 1 + self.hold) // spf + 1)
-
-    def _is_speech(self, frame: int, span: range) -> bool:
-        """Whether a pushed sample lies in frame i's receptive field (widened by the resampler's reach)."""
-        lo, hi = R.receptive_field(frame)
-        lo, hi = lo - self.hold, hi + self.hold
-        spf, scale = R.SAMPLES_PER_FRAME, R.SAMPLES_PER_FRAME / self.samples_per_frame
-        for s in span:
-            p = self._pushed[s]
-            if p is not None and s * spf + p[0] * scale < hi and s * spf + p[1] * scale > lo:
-                return True
-        return False
-
     def _feed(self, n: int) -> None:
         """Resample planned slots [fed, n) into the 16 kHz buffer."""
         new = []
-        while self._fed < min(n, self._planned):
-            y = self._resampler.push(self._slots[self._fed])
+        while self._fed < min(n, self.tl.planned):
+            y = self._resampler.push(self.tl.slots[self._fed])
             self._fed += 1
             if self._discard:
                 cut = min(self._discard, len(y))
@@ -367,16 +274,16 @@ class Live:
     def _schedule(self) -> None:
         """Decide every frame whose audio is planned (speech or idle), up to AHEAD frames past the last returned,
         and send the speech frames' missing encoder windows to the batcher."""
-        limit = self._returned + AHEAD
-        self._take(limit + self.lookahead + 1)
+        limit = self.tl.returned + AHEAD
+        self.tl.take(limit + self.lookahead + 1)
         self._feed(limit + self.lookahead + 1)
         new_windows: list[int] = []
         while self._decided < limit:
             j = self._decided
-            span = self._slot_span(j)
-            if span.stop > self._planned or R.samples_needed(j) > self._x16_end:
+            span = self.tl.span(j)
+            if span.stop > self.tl.planned or R.samples_needed(j) > self._x16_end:
                 break
-            speech = self._is_speech(j, span)
+            speech = self.tl.is_speech(j)
             self._speech[j] = speech
             self._decided += 1
             if speech or self.idle == "generate":
@@ -472,14 +379,13 @@ class Live:
     def _trim(self) -> None:
         """Forget what no later frame, rewind or resampler restart can read."""
         spf = R.SAMPLES_PER_FRAME
-        keep_slot = min(self._returned - 3 * self.reach - 2, self._slot_span(self._returned).start)
-        for s in [s for s in self._slots if s < keep_slot]:
-            del self._slots[s], self._pushed[s]
-        first = R.first_window(self._returned)
+        keep_slot = min(self.tl.returned - 3 * self.reach - 2, self.tl.span(self.tl.returned).start)
+        self.tl.trim(keep_slot)
+        first = R.first_window(self.tl.returned)
         for w in [w for w in self._feats if w < first]:
             del self._feats[w]
         base = min(R.HOP_LENGTH * R.window_start(first) - R.WIN_LENGTH // 2 - 1,
-                   spf * (self._returned - self.reach)) - spf
+                   spf * (self.tl.returned - self.reach)) - spf
         if base > self._x16_base:
             self._x16 = self._x16[base - self._x16_base:].clone()
             self._x16_base = base

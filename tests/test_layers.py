@@ -16,7 +16,7 @@ import modules of its own layer and of the layers below; inside a layer the no-c
      5. compose, demo               compositing and the template cache; the synthetic avatar and weights
      6. build, artifacts, backends  the loader (build, artifacts) below the runner registry
      7. batcher, pipeline, stream,  the cores: many clients -> one model call, the offline pipeline, the live
-        live                        stream and the 25 fps timeline
+        timeline, live              stream and the 25 fps timeline (its slots and speech rule, the clocked stream)
      8. api                         LipSync
      9. the root package, cli_args, the public surface; shared CLI options; compare
         compare
@@ -50,7 +50,7 @@ LAYERS = (   # lowest first; names relative to lipsync_trt ("" is the root packa
     ("kernels",),
     ("compose", "demo"),
     ("build", "artifacts", "backends"),
-    ("batcher", "pipeline", "stream", "live"),
+    ("batcher", "pipeline", "stream", "timeline", "live"),
     ("api",),
     ("", "cli_args", "compare"),
     ("serve",),

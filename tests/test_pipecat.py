@@ -529,7 +529,7 @@ def test_remote_timeline_is_the_cores(ls, rate):
             f = live.next(timeout=0)
             j = remote._advance([x] if op in ("burst", "pieces") else [], op == "interrupt")
             assert f.index == j == k
-            assert remote._is_speech(k) == f.speech, f"frame {k}: speech flag ({rate} Hz)"
+            assert remote.tl.is_speech(k) == f.speech, f"frame {k}: speech flag ({rate} Hz)"
             assert np.array_equal(to_pcm16(remote._finish(k)), to_pcm16(f.audio)), f"frame {k}: audio"
     assert live.stats["speech"] > 20 and live.stats["idle"] > 20
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import recipe as R
 from ..errors import StreamError
-from ..live import hold_back, lookahead
+from ..timeline import Timeline
 from ..serve.client import refusal
 from ..serve.protocol import CHUNK_SAMPLES, STREAM_RATE, Status, decode_response, encode_request
 from .source import Step, to_pcm16, to_rgb
@@ -146,10 +146,10 @@ class RemoteLive:
         self._check()
         k = self._advance(chunks, interrupt)
         await self._send()
-        speech = self._is_speech(k)
+        speech = self.tl.is_speech(k)
         late = False
         image = None
-        if speech and any(s in self._dropped for s in self._span(k)):
+        if speech and any(s in self._dropped for s in self.tl.span(k)):
             late = True
             self.stats["dropped"] += 1
         elif speech or self.idle == "generate":
@@ -178,20 +178,11 @@ class RemoteLive:
             await self._session.close()
             self._session = None
 
-    # -- the timeline (the rules of lipsync_trt.live.Live)
+    # -- the timeline (lipsync_trt.timeline: the rules of LipSync.live)
     def _start_timeline(self, rate: int) -> None:
-        from ..live import exact_slot
-
-        self.samples_per_frame = exact_slot(rate)
-        self.rate = int(rate)
-        self.lookahead = lookahead(self.rate)
-        self._hold = hold_back(self.rate)            # 16 kHz samples one input sample reaches (Live.hold)
-        self._reach = -(-self._hold // R.SAMPLES_PER_FRAME)
-        self._slots: dict[int, np.ndarray] = {}
-        self._pushed: dict[int, tuple[int, int] | None] = {}   # slot -> its pushed samples [a, b), or None
+        self.tl = Timeline(rate)
+        self.samples_per_frame, self.rate, self.lookahead = self.tl.samples_per_frame, self.tl.rate, self.tl.lookahead
         self._dropped: set[int] = set()              # slots the server heard with audio that was then dropped
-        self._returned = self._committed = self._planned = 0
-        self._pending = np.zeros(0, np.float32)
         self._fed = 0                                # slots given to the 24 kHz chunker
         self._out24 = np.zeros(0, np.float32)
         self._chunks_sent = 0
@@ -204,86 +195,33 @@ class RemoteLive:
     def _advance(self, chunks: list[np.ndarray], interrupt: bool) -> int:
         """Apply a barge-in, push the audio, commit what the next frame k needs (slot k + L); returns k."""
         if interrupt:
-            self._interrupt()
+            # every slot not yet returned becomes silence: the committed ones and those the server already has
+            # stay (as silence: the server's stream cannot take them back), the planned rest goes
+            self._dropped.update(s for s in self.tl.silence(self._fed) if s < self._fed)
+            self.stats["interrupts"] += 1
         for c in chunks:
-            self._push(c)
-        k = self._returned
-        self._commit(k + self.lookahead + 1)
+            x = np.asarray(c)
+            self.tl.push(x.astype(np.float32) * np.float32(1 / 32768) if x.dtype == np.int16 else x.astype(np.float32))
+        k = self.tl.returned
+        self.tl.commit(k + self.lookahead + 1)
+        self.tl.take(self.tl.committed + self.send_ahead)
         return k
 
     def _finish(self, k: int) -> np.ndarray:
         """Frame k is returned: its audio, and forget what no later frame reads."""
-        audio = self._slots[k]
-        self._returned = k + 1
-        for s in [s for s in self._slots if s < k - 3 * self._reach - 2 * R.FEATURE_CONTEXT]:
-            del self._slots[s], self._pushed[s]
-            self._dropped.discard(s)
+        audio = self.tl.slots[k]
+        self.tl.returned = k + 1
+        keep = k - 3 * self.tl.reach - 2 * R.FEATURE_CONTEXT
+        self.tl.trim(keep)
+        self._dropped = {s for s in self._dropped if s >= keep}
         return audio
-
-    def _push(self, chunk: np.ndarray) -> None:
-        x = np.asarray(chunk)
-        x = x.astype(np.float32) * np.float32(1 / 32768) if x.dtype == np.int16 else x.astype(np.float32)
-        pending = np.concatenate([self._pending, x])
-        s = self.samples_per_frame
-        full = len(pending) // s
-        for j in range(full):
-            self._plan(pending[j * s:(j + 1) * s].copy(), s)
-        self._pending = pending[full * s:].copy()
-
-    def _plan(self, samples: np.ndarray, got: int) -> None:
-        """The next slot: `got` pushed samples at its start (the rest silence)."""
-        self._slots[self._planned], self._pushed[self._planned] = samples, ((0, got) if got else None)
-        self._planned += 1
-
-    def _commit(self, n: int) -> None:
-        s = self.samples_per_frame
-        while self._committed < n:
-            if self._planned == self._committed:
-                take = self._pending[:s]
-                self._pending = self._pending[len(take):]
-                self._plan(np.concatenate([take, np.zeros(s - len(take), np.float32)]), len(take))
-            self._committed += 1
-
-    def _interrupt(self) -> None:
-        """Every slot not yet returned becomes silence: the committed ones and those the server already has stay
-        (as silence: the server's stream cannot take them back), the planned rest goes."""
-        self._pending = np.zeros(0, np.float32)
-        keep = max(self._committed, self._fed)
-        for s in range(self._returned, self._planned):
-            if self._pushed[s] is not None and s < self._fed:
-                self._dropped.add(s)
-            if s < keep:
-                self._slots[s], self._pushed[s] = np.zeros(self.samples_per_frame, np.float32), None
-            else:
-                del self._slots[s], self._pushed[s]
-        self._planned = self._committed = max(keep, self._committed)
-        self.stats["interrupts"] += 1
-
-    def _span(self, frame: int) -> range:
-        """Slots whose samples can reach frame i's receptive field (Live._slot_span: `hold` 16 kHz samples either
-        way through the resampler's filter)."""
-        lo, hi = R.receptive_field(frame)
-        spf = R.SAMPLES_PER_FRAME
-        return range(max((lo - self._hold) // spf, 0), (hi - 1 + self._hold) // spf + 1)
-
-    def _is_speech(self, frame: int) -> bool:
-        """Whether a pushed sample lies in frame i's receptive field widened by the filter's reach (Live._is_speech;
-        tests/test_pipecat.py checks the flags equal the in-process ones)."""
-        lo, hi = R.receptive_field(frame)
-        lo, hi = lo - self._hold, hi + self._hold
-        spf, scale = R.SAMPLES_PER_FRAME, R.SAMPLES_PER_FRAME / self.samples_per_frame
-        for s in self._span(frame):
-            p = self._pushed.get(s)
-            if p is not None and s * spf + p[0] * scale < hi and s * spf + p[1] * scale > lo:
-                return True
-        return False
 
     # -- the wire
     async def _send(self) -> None:
         """Send the committed slots and up to `send_ahead` planned ones not sent yet, as whole 960-sample chunks at
         24 kHz."""
-        while self._fed < min(self._planned, self._committed + self.send_ahead):
-            x = self._slots[self._fed]
+        while self._fed < min(self.tl.planned, self.tl.committed + self.send_ahead):
+            x = self.tl.slots[self._fed]
             self._fed += 1
             y = x if self._rs is None else self._rs.resample_chunk(x)
             self._out24 = np.concatenate([self._out24, y]) if len(self._out24) else np.asarray(y, np.float32)
@@ -303,7 +241,7 @@ class RemoteLive:
                 reason = refusal(r)
                 if reason is not None:
                     self._failed = f"{self.url} refused the stream for {self.model!r}: {reason}"
-                elif r.status in (Status.OK, Status.OVERLOADED, Status.INTERNAL) and r.frame_id >= self._returned:
+                elif r.status in (Status.OK, Status.OVERLOADED, Status.INTERNAL) and r.frame_id >= self.tl.returned:
                     if r.status == Status.INTERNAL and r.frame_id == 0 and not r.files:
                         self._failed = f"{self.url}: the server failed the stream"
                     self._mouths[r.frame_id] = r
