@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import Parser
 from ..serve import client
 from ..serve.protocol import CHUNK_SAMPLES, CHUNK_SECONDS, STREAM_RATE, Status
 from ..serve.session import ready_chunk
@@ -199,7 +200,7 @@ def load_audio24(path: str | None, seconds: float, streams: int, seed: int = 0) 
 # ---------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m lipsync_trt.bench serve",
         description="Latency and capacity of the streaming server: K concurrent real-time streams (one 40 ms "
                     "chunk every 40 ms each), K = 1, 2, 4, ... until the server falls behind. Writes a table "
