@@ -1,5 +1,5 @@
 """One client connection of the seed protocol, whatever carries it: `Connection` decodes requests, opens and ends
-streams (`session.Stream`), holds each stream's answers until the earlier streams' are out, bounds the outgoing
+streams (`session.WireStream`), holds each stream's answers until the earlier streams' are out, bounds the outgoing
 queue (a client too slow to read is dropped) and ends idle streams and sockets. It talks to its socket only through
 `Socket` (what aiohttp's WebSocketResponse offers; the Ray Serve replica wraps Starlette's the same way), and to
 the server through `Server`'s entries, packer, active set, stats and config.
@@ -15,7 +15,7 @@ from typing import Protocol
 from .. import compose
 from ..errors import AudioError
 from .protocol import HEADER, HEADER_BYTES, ProtocolError, Status, decode_request, error_response
-from .session import END, Stream
+from .session import END, WireStream
 
 
 
@@ -37,13 +37,13 @@ class Connection:
     def __init__(self, server: "Server", ws: "Socket", transport=None):
         self.server, self.ws, self.transport = server, ws, transport
         self.out: asyncio.Queue = asyncio.Queue()
-        self.streams: list[Stream] = []           # the first is the one whose responses go out now
-        self.current: Stream | None = None        # the stream taking audio
+        self.streams: list[WireStream] = []           # the first is the one whose responses go out now
+        self.current: WireStream | None = None        # the stream taking audio
         self.pending: dict[int, list[bytes]] = {}
         self.closed = False
         self.over_since: float | None = None      # when the outgoing queue last reached out_limit
         self.last_msg = self.last_audio = time.monotonic()   # last message; last chunk for the current stream
-        self.notes: dict[Stream, str] = {}        # streams the server ended: the reason their END carries
+        self.notes: dict[WireStream, str] = {}        # streams the server ended: the reason their END carries
 
     def send(self, msg: bytes) -> None:
         """Queue a response. A client is too slow (closed with 1008) when its queue has stayed at or above
@@ -79,7 +79,7 @@ class Connection:
             pass
         reset(self.transport)
 
-    def emit(self, stream: Stream, msg: bytes) -> None:
+    def emit(self, stream: WireStream, msg: bytes) -> None:
         if self.notes and len(msg) == HEADER_BYTES and stream in self.notes:
             status, frame_id, _, _ = HEADER.unpack(msg)
             if status == Status.END:              # a stream the server ended: its END says why
@@ -89,7 +89,7 @@ class Connection:
         else:
             self.pending.setdefault(id(stream), []).append(msg)
 
-    def stream_done(self, stream: Stream) -> None:
+    def stream_done(self, stream: WireStream) -> None:
         self.server.active.discard(stream)
         self.notes.pop(stream, None)
         if stream in self.streams:
@@ -139,7 +139,7 @@ class Connection:
                 self.send(error_response(Status.OVERLOADED, req.frame_id,
                                          f"server overloaded: {srv.cfg.max_streams} streams already open"))
                 return
-            stream = Stream(req.model, entry, asyncio.get_running_loop(), self.emit, srv.packer, srv.cfg.max_gap,
+            stream = WireStream(req.model, entry, asyncio.get_running_loop(), self.emit, srv.packer, srv.cfg.max_gap,
                             feather=compose.parse_blend(srv.cfg.blend))
             stream.on_done = self.stream_done
             self.current = stream
@@ -156,7 +156,7 @@ class Connection:
             srv.stats["error_malformed"] += 1
             self.send(error_response(exc.status, exc.frame_id, exc.reason))
 
-    def end_stream(self, stream: Stream, note: str | None = None) -> None:
+    def end_stream(self, stream: WireStream, note: str | None = None) -> None:
         """End the current stream (the client's end message, or the server's idle limit: then `note` is the END's
         error.txt): its last frames are made, then END."""
         self.current = None

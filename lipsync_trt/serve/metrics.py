@@ -47,9 +47,9 @@ def counts_histogram(sizes: dict[int, int], bounds: tuple[float, ...]) -> tuple[
 
 
 def transport_of(stream) -> str:
-    from .session import Stream
+    from .session import WireStream
 
-    return "websocket" if isinstance(stream, Stream) else "webrtc"
+    return "websocket" if isinstance(stream, WireStream) else "webrtc"
 
 
 def families(server: "Server") -> Iterator:

@@ -20,7 +20,7 @@ from ..batcher import POLICIES, Batcher
 from ..compose import TemplateCrops
 from .metrics import LATENCY_BUCKETS, Histogram
 from .protocol import Status, encode_response, error_response, frame_zip
-from .session import FRAME, Stream
+from .session import FRAME, WireStream
 
 __all__ = ["POLICIES", "ModelEntry", "Packer", "encode_jpeg"]
 
@@ -80,11 +80,11 @@ class Packer:
     def queued(self) -> int:
         return self.batcher.queued()
 
-    def pack(self, stream: Stream, i: int, img: torch.Tensor, box: tuple, t_ready: float) -> None:
+    def pack(self, stream: WireStream, i: int, img: torch.Tensor, box: tuple, t_ready: float) -> None:
         """A mouth made by the batcher -> its JPEG + ZIP answer, in the pool."""
         self._pool.submit(self._pack, stream, i, img, box, t_ready)
 
-    def _pack(self, stream: Stream, i: int, img: torch.Tensor, box: tuple, t_ready: float) -> None:
+    def _pack(self, stream: WireStream, i: int, img: torch.Tensor, box: tuple, t_ready: float) -> None:
         try:
             jpeg = encode_jpeg(img.cpu().numpy(), self.jpeg_quality)
             msg = encode_response(Status.OK, i, frame_zip(jpeg, box))

@@ -16,7 +16,7 @@ from .config import ServeConfig, default_max_batch, load_models
 from .connection import Connection, Socket
 from .protocol import WS_MAX_MESSAGE_BYTES, Status, error_response
 from .scheduler import ModelEntry, Packer
-from .session import Stream
+from .session import WireStream
 
 STATIC = routes.STATIC
 
@@ -27,7 +27,7 @@ class Server:
         self.max_batch = cfg.max_batch or default_max_batch(encoder.device)
         self.packer = Packer(encoder, self.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue, cfg.policy,
                              cfg.jpeg_quality, cfg.encode_threads, max_delay=cfg.max_delay_ms / 1000)
-        self.active: set[Stream] = set()
+        self.active: set[WireStream] = set()
         self.sockets: set = set()                 # open WebSockets, closed with 1001 (going away) at shutdown
         self.connections: set[Connection] = set()
         self._sweeper: asyncio.Future | None = None

@@ -2,8 +2,8 @@
 24 kHz chunks (gaps filled with silence, repeats ignored) in, answers out in frame-id order.
 
   `AudioFront` (event loop): chunk ids -> `stream.AudioWindows` (incremental resampling, mel, encoder windows).
-  `Stream`: the front, the `stream.ReadyFrames` the batcher fills, and the in-order delivery of its answers; it is
-            the batcher's client (`batcher.Batcher`), and turns its results into protocol messages.
+  `WireStream`: the front, a `stream.Core` (the batcher's client, with the `stream.ReadyFrames` rule) and the
+            in-order delivery of its answers as protocol messages. (`stream.Stream` is `LipSync.stream`.)
 Video frame i is ready once chunk `ready_chunk(i)` has arrived (i + 11 or i + 12: the recipe's need plus the
 resampler's hold-back), a rule that repeats every `ready_chunk_period()` frames.
 """
@@ -68,7 +68,7 @@ class AudioFront:
 FRAME, REUSE, ERROR, END = "frame", "reuse", "error", "end"   # kinds of answers waiting for their turn
 
 
-class Stream:
+class WireStream:
     """One client stream: what the wire needs around the library's `stream.Core` (the batcher's client, with the
     ready-frame rule of `stream.ReadyFrames`, mouths and the blend fixed at construction): chunk ids and gap filling
     (`front`, on the event loop), JPEG + ZIP packing (`packer`, off the loop), answers in frame-id order through
