@@ -99,8 +99,8 @@ class LipSync:
     def batcher(self) -> Batcher:
         """The model worker this LipSync's streams share (max batch = batch_size), started on first use."""
         with self._lock:
-            if self._batcher is None:
-                self._batcher = Batcher(self.runner, max_batch=self.batch_size)
+            if self._batcher is None or not self._batcher.alive:   # (a worker that died is replaced: new streams
+                self._batcher = Batcher(self.runner, max_batch=self.batch_size)   # work again; its own got FAILED)
                 weakref.finalize(self, self._batcher.stop)   # a LipSync dropped without close() stops it too
             return self._batcher
 

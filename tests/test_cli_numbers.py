@@ -173,10 +173,12 @@ def test_a_stream_whose_worker_dies_gets_an_error_not_a_hang(runner, demo, error
     else:
         assert isinstance(got.get("error"), StreamError), got
         assert "model worker died" in str(got["error"]) and type(error).__name__ in str(got["error"])
-        assert not ls.batcher.alive
-        with pytest.raises(StreamError, match="model worker died"):   # later work is refused at once
-            with ls.stream(rate=16000) as s2:
+        dead = s.core.batcher
+        assert not dead.alive
+        with pytest.raises(StreamError, match="model worker died"):   # later work on it is refused at once
+            with ls.stream(rate=16000, batcher=dead) as s2:
                 s2.push(speech)
+        assert ls.batcher is not dead and ls.batcher.alive           # the LipSync's new streams get a new worker
     ls.close()
 
 
