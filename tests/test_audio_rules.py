@@ -90,6 +90,7 @@ def test_int16_features_equal_the_float_equivalent(ls, pcm):
     assert np.array_equal(a.mel.numpy(), b.mel.numpy()) and np.array_equal(a.features.numpy(), b.features.numpy())
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_int16_frames_equal_the_float_equivalent(ls, pcm):
     a = dict(ls.frames(pcm, 16000, frames="0-3"))
     b = dict(ls.frames(as_float(pcm), 16000, frames="0-3"))
@@ -97,6 +98,7 @@ def test_int16_frames_equal_the_float_equivalent(ls, pcm):
     assert all(np.array_equal(a[i], b[i]) for i in a)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_int16_generate_equals_the_float_equivalent(ls, pcm, tmp_path):
     for name, x in (("int16", pcm), ("float", as_float(pcm))):
         ls.generate(x, rate=16000, out=None, frames_dir=tmp_path / name, frames="0-3")
@@ -106,6 +108,7 @@ def test_int16_generate_equals_the_float_equivalent(ls, pcm, tmp_path):
         assert np.array_equal(cv2.imread(str(tmp_path / "int16" / n)), cv2.imread(str(tmp_path / "float" / n)))
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_int16_stream_equals_the_float_equivalent(ls, pcm):
     def run(x):
         with ls.stream(rate=16000) as s:
@@ -116,6 +119,7 @@ def test_int16_stream_equals_the_float_equivalent(ls, pcm):
     assert all(np.array_equal(a[i], b[i]) for i in a)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_int16_live_equals_the_float_equivalent(ls, pcm):
     def run(x):
         with ls.live(rate=16000) as live:

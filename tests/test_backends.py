@@ -130,6 +130,7 @@ def _forge_tensorrt_build(onnx_dir: Path, engines: Path, version: str = "10.9.0"
 
 
 @needs_ort
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_auto_picks_tensorrt_only_for_a_build_of_these_checkpoints(checkpoints, onnx_dir, tmp_path):
     """The 'auto' table with TensorRT taken as usable on a CUDA device (as on a GPU machine with TensorRT): the
     TensorRT row holds only for a build in --engines whose manifest key matches these checkpoints, the
@@ -300,6 +301,7 @@ def _frames_png(folder: Path) -> list[np.ndarray]:
 
 @needs_ort
 @pytest.mark.skipif(not (SANDERS / "talk_hb.wav").is_file(), reason=f"real data not present at {SANDERS}")
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_generate_cli_onnxruntime_equals_torch_on_sanders(checkpoints, onnx_dir, engines_dir, tmp_path):
     """`python -m lipsync_trt generate --backend onnxruntime` on real frames: composited pixels within +-1 of torch."""
     if importlib.util.find_spec("lipsync_trt.pipeline") is None:

@@ -178,6 +178,7 @@ def test_without_ray_installed_the_message_names_the_extra(tmp_path, command):
 
 # ------------------------------------------------------------------------------------------------ in-process
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_batch_here_matches_generate_reports_failures_and_resumes(tmp_path, clips, reference, capsys):
     jobs = write_jobs(tmp_path, clips["lines"])
     summary_path = tmp_path / "summary.json"
@@ -197,6 +198,7 @@ def test_batch_here_matches_generate_reports_failures_and_resumes(tmp_path, clip
     capsys.readouterr()
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_incomplete_output_is_rendered_again(tmp_path, clips, reference):
     """A frames folder missing one PNG, or an MP4 that is not a whole video, is not 'complete': the job reruns."""
     good = clips["lines"][1:3]

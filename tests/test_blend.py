@@ -232,6 +232,7 @@ def test_cli_bad_blend_exits_2(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "--blend" in err and "feather:0" in err
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_serve_blend(demo, torch_runner):
     """serve --blend feather:PX: the mouths the server sends (JPEG) are the feathered offline frames' boxes, not the
     hard-pasted ones; a bad --blend is a UsageError naming the option."""

@@ -71,6 +71,7 @@ def test_manifest_records_the_key_and_self_contained_files(onnx_build, checkpoin
     assert diffs and all(v <= 1e-4 for v in diffs.values())
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_onnx_dynamic_batch_1_3_8_agree_with_torch(onnx_build, models):
     gen, enc = models
     folder = Path(onnx_build["dir"])
@@ -105,6 +106,7 @@ def test_verify_rejects_an_onnx_that_differs_from_torch(onnx_build, models, tmp_
         B.verify(bad, folder / "audio_encoder.onnx", gen, enc, "fp32", (1, 2, 3), progress=False)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_same_request_reuses_the_build_and_force_rebuilds(onnx_build, checkpoints, engines_dir):
     again = B.build(*checkpoints, target="onnx", precision="fp32", batch=BATCH, out=engines_dir, log=None, progress=False)
     assert again["reused"] and again["dir"] == onnx_build["dir"] and again["created"] == onnx_build["created"]
@@ -183,6 +185,7 @@ def test_cli_usage_errors_exit_2(checkpoints, tmp_path, capsys):
     assert rc == 2 and "MIN <= OPT <= MAX" in err
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lipsync_trt.build", "--generator", str(tmp_path / "g.pth"),
                            "--audio-encoder", str(tmp_path / "a.pth"), "--out", str(tmp_path / "e")],
@@ -193,6 +196,7 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
 
 # ------------------------------------------------------------------------------------ TensorRT target
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorrt(checkpoints, tmp_path, capsys):
     from lipsync_trt.build import tensorrt as trt_build
 
@@ -215,6 +219,7 @@ def test_tensorrt_target_checks_the_fp16_onnx_then_fails_clearly_without_tensorr
 
 # -------------------------------------------------------------------------------------- Core ML target
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_coreml_packages_round_trip(models, tmp_path):
     """Convert both networks (fp16 compute, flexible batch 1..3), save, reload the spec, check names and shapes."""
     from lipsync_trt.build import coreml

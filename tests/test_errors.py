@@ -80,6 +80,7 @@ def test_wrong_checkpoint(job, capsys):
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_real_process_exit_code_and_no_traceback(job):
     args, out_dir, tmp = job
     args["--audio"] = write_wav(tmp / "short.wav", np.zeros(100, np.float32))

@@ -39,6 +39,7 @@ def run_cli(*args, cwd=None, timeout=600):
                           cwd=cwd, timeout=timeout)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_sanders_first_4s_to_mp4(sanders, checkpoints, tmp_path):
     wav, rate = sf.read(sanders / "talk_hb.wav", dtype="int16")
     cut = tmp_path / "talk_4s.wav"
@@ -64,6 +65,7 @@ def sanders_2s(sanders, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_frames_dir_pngs_match_the_reference_structure(sanders, sanders_2s, checkpoints, tmp_path):
     """Selected frames as PNG vs the reference's per-frame cv2 loop with the same model: ±1, ≥99.9% equal."""
     fdir = tmp_path / "png"
@@ -84,6 +86,7 @@ def test_frames_dir_pngs_match_the_reference_structure(sanders, sanders_2s, chec
         assert worst <= 1 and frac >= 0.999, (i, frac, worst)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_frames_subset_video_audio_span(demo, tmp_path):
     common = ["generate", "--avatar", demo["avatar"], "--audio", demo["audio"], "--generator", demo["generator"],
               "--audio-encoder", demo["audio_encoder"], "--backend", "torch", "--quiet"]
@@ -96,6 +99,7 @@ def test_frames_subset_video_audio_span(demo, tmp_path):
     assert frames == 2 and audio == []
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_python_api_frames_from_an_array(demo):
     ls = lipsync_trt.load(demo["avatar"], demo["generator"], demo["audio_encoder"], backend="torch", device="cpu",
                           batch_size=2)
@@ -110,6 +114,7 @@ def test_python_api_frames_from_an_array(demo):
         assert worst <= 1 and frac >= 0.999
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_demo_runs_with_nothing_downloaded(tmp_path):
     r = run_cli("generate", "--demo", "--out", tmp_path / "demo.mp4", "--backend", "torch", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -132,6 +137,7 @@ def test_features_command(demo, tmp_path):
     assert np.abs(ref.numpy() - data["features"]).max() <= reorder_atol(np.abs(ref.numpy()).max())
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_ctrl_c_leaves_nothing_behind(sanders, checkpoints, tmp_path):
     out = tmp_path / "out.mp4"
     proc = subprocess.Popen([sys.executable, "-m", "lipsync_trt", "generate", "--avatar", str(sanders), "--audio",

@@ -225,6 +225,7 @@ def test_compare_refuses_a_video_larger_than_the_bound_from_its_header(tmp_path,
 
 # ------------------------------------------------------------------------------------- a plain pickle checkpoint
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_plain_pickle_checkpoint_is_exactly_one_line(demo, tmp_path):
     path = tmp_path / "plain.pth"
     with open(path, "wb") as f:

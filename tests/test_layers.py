@@ -233,6 +233,7 @@ def test_the_registry_reaches_the_loader_layer_only_through_artifacts():
 
 
 @pytest.mark.parametrize("module", ["lipsync_trt.backends", *(f"lipsync_trt.backends.{m}" for m in RUNNER_MODULES)])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_importing_a_backend_loads_no_build_or_artifact_code(module):
     """In a fresh interpreter: importing a runner module (and asking what is available, and 'auto' on the CPU)
     leaves lipsync_trt.build and lipsync_trt.artifacts unimported."""

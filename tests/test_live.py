@@ -191,6 +191,7 @@ def test_lookahead_is_the_recipes_need_plus_the_resamplers_hold_back(ls):
     assert ls.live(rate=16000).lookahead == 11
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_conversation_16k_audio_images_and_idle(ls):
     """Idle, an utterance pushed in one burst faster than real time, silence, a second utterance: every sample
     plays once in order, speech frames are frames() of the timeline, idle ones the template, and an idle frame
@@ -214,6 +215,7 @@ def test_conversation_16k_audio_images_and_idle(ls):
 
 
 @pytest.mark.parametrize("rate", [24000, 44100, pytest.param(22050, marks=pytest.mark.slow)])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_conversation_at_other_rates_is_close_and_audio_exact(ls, rate):
     """Through the stream resampler: audio sample-exact, images within the stream's tolerance, a barge-in too."""
     a = make_speech(0.7, rate, seed=3)
@@ -223,6 +225,7 @@ def test_conversation_at_other_rates_is_close_and_audio_exact(ls, rate):
     assert stats["speech"] > 15 and stats["idle"] > 2, stats
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_barge_in_drops_unplayed_audio_and_remakes_frames(ls):
     """2 s pushed at once, 20 frames played (frames after them made ahead), interrupt, silence, a new utterance:
     no returned frame carries a dropped sample; images are frames() of the audio actually played, and return to
@@ -240,6 +243,7 @@ def test_barge_in_drops_unplayed_audio_and_remakes_frames(ls):
     assert live.stats["interrupts"] == 1
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_idle_generate_makes_every_frame(ls):
     a = make_speech(0.4, 16000, seed=6)
     frames, tl, _ = run(ls, [("push", a), ("next", 30)], idle="generate", seed=3)
@@ -264,6 +268,7 @@ class CountingRunner:
 
 @pytest.mark.parametrize("idle, barge", [("template", False), ("template", True),
                                          pytest.param("generate", False, marks=pytest.mark.slow)])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_generator_frames_at_most_speech_frames(runner, ls, idle, barge):
     """Generator frames <= speech frames + batch padding (3 at batch 4), + at most live.AHEAD per interrupt() (the
     frames made ahead from audio it dropped)."""
@@ -429,6 +434,7 @@ def test_interrupt_from_another_thread_while_next_waits(runner, ls):
         lsg.close()
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_as_tensor_blend_and_start_frame(ls):
     """as_tensor=True gives uint8 tensors on the backend's device; blend= and start_frame= reach speech frames
     (equal to frames() with the same options) and idle frames (the template of the shifted order)."""

@@ -82,6 +82,7 @@ def test_wrong_files_name_the_first_bad_key(tmp_path):
         load_generator(tmp_path / "missing.pth")
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_batch_independence(checkpoints):
     gen, enc = load_generator(checkpoints[0]), load_audio_encoder(checkpoints[1])
     torch.manual_seed(3)

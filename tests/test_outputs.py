@@ -32,6 +32,7 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_out_that_is_a_pipe_or_a_link_to_a_device_is_refused(demo, tmp_path):
     fifo = tmp_path / "pipe.mp4"
     os.mkfifo(fifo)
@@ -55,6 +56,7 @@ def _umask_022():
     os.umask(0o022)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_outputs_get_the_umask_mode(demo, tmp_path):
     out, frames = tmp_path / "out.mp4", tmp_path / "frames"
     r = run_cli(*generate_args(demo, "--out", out, "--frames", "0-2", "--frames-dir", frames), preexec_fn=_umask_022)
@@ -73,6 +75,7 @@ def _small_files():
 
 
 @pytest.mark.parametrize("what", ["mp4", "frames", "features"])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_write_failure_is_one_line_and_leaves_nothing(demo, tmp_path, what):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -97,6 +100,7 @@ def long_audio(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("what", ["mp4", "frames"])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_interrupt_leaves_nothing_behind(demo, long_audio, tmp_path, sig, code, what):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -214,6 +214,7 @@ class Script(FrameProcessor):
             await step(self)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_conversation_in_process(ls, demo):
     """Idle, an utterance, silence, a second utterance cut by a barge-in, idle: audio, images, counts, order."""
     rate = 16000
@@ -457,6 +458,7 @@ def test_huge_tts_frame_then_barge_in_keeps_the_clock(ls):
     assert service.stats["late"] + service.stats["speech"] >= played   # late speech frames count in both
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_two_services_share_one_lipsync_from_two_tasks(ls):
     """Two pipelines (two services, one LipSync and its batcher) run at once on one event loop: each plays its own
     utterance whole, sample for sample, on its own timeline; neither sees the other's audio."""

@@ -177,6 +177,7 @@ def test_overlapping_renders_restore_the_settings_of_before(ort_setup, thread_co
     assert thread_counts() == (2, 2)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_concurrent_generate_calls_restore_the_settings(ort_setup, thread_counts, tmp_path, demo):
     import soundfile as sf
 
@@ -193,6 +194,7 @@ def test_concurrent_generate_calls_restore_the_settings(ort_setup, thread_counts
     assert thread_counts() == (2, 2)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_public_frames_leave_the_process_alone(demo, thread_counts):
     import lipsync_trt
 
@@ -210,6 +212,7 @@ def test_public_frames_leave_the_process_alone(demo, thread_counts):
     assert threading.active_count() == base
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_a_lipsync_with_streams_stops_its_worker_when_closed_or_dropped(demo):
     import gc
 

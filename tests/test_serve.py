@@ -181,6 +181,7 @@ def speech24(seconds: float, seed: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ real speech
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_real_speech_stream_equals_offline_generate(server, entries, sanders, oracle):
     """sanders + talk_hb.wav resampled to 24 kHz (soxr), 2.4 s = 60 chunks, then end of stream."""
     import soundfile as sf
@@ -213,6 +214,7 @@ def test_real_speech_stream_equals_offline_generate(server, entries, sanders, or
 
 # ------------------------------------------------------------------------------------------------ concurrency
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_eight_concurrent_streams_nothing_lost_no_cross_talk(server, entries, demo, oracle):
     """8 streams at once on separate connections, each with its own audio and length (12..19 chunks): every frame
     of every stream arrives, in order, and equals that stream's own offline result."""
@@ -357,6 +359,7 @@ async def _collect(ws, errors: int, until_end: bool = False) -> list[P.Response]
     return got
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_fuzz_2400_bad_messages_then_a_good_stream(server, entries, demo, oracle):
     """2,400 seeded invalid messages (random, truncated, oversized, bad headers, bad UTF-8, wrong sample counts,
     NaN, unknown models, text, header bit flips) on two connections, 800 of them interleaved with a good stream:
@@ -537,6 +540,7 @@ def _generator_seconds(runner, batch: int) -> float:
 
 
 @pytest.mark.parametrize("policy", ["reject", "skip"])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_overload_policy_bounds_latency(entries, live_checkpoints, runner, demo, oracle, policy):
     """A producer 4x faster than real time (10 ms per 40 ms chunk, 100 chunks) against a CPU that makes a few
     frames per second, with max_queue 2: the policy is observed (reject: OVERLOADED answers for the dropped frames;

@@ -124,6 +124,7 @@ def test_late_frames_are_counted_as_rejected_and_late(torch_runner, demo):
         srv.stop()
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_default_batch_per_device_and_prometheus_client_imported_only_for_metrics(torch_runner, demo):
     srv = start(torch_runner, demo, 0.0)
     try:

@@ -171,6 +171,7 @@ def piece_matches(sent: np.ndarray, got: np.ndarray, start: int, end: int, piece
     return out
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_audio_is_the_sent_audio_delayed_by_the_lookahead(server, tmp_path):
     """The received audio is the sent audio, delayed by L frames + the pre-roll + aiortc's two jitter prefetches +
     two Opus delays + the clock's phase (0..40 ms), within one frame; every frame is counted speech or idle, and
@@ -249,6 +250,7 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_interrupt_on_the_data_channel_drops_the_queued_voice(server, tmp_path):
     """Barge-in: 2 s of speech, and "interrupt" on the data channel when 1.2 s of it has left the client. The
     server reports the first frame k after it (interrupted_at); the voice queued for frames k.. (pushed before
@@ -393,6 +395,7 @@ def test_huge_chunked_body_is_413(one_slot_server):
     assert r.status == 413 and json.loads(raw)["error"].startswith("the offer is too large"), (r.status, raw)
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_repeated_offer_that_never_connects_is_freed(one_slot_server):
     """The same offer posted twice: the first is answered and takes the slot, the second finds the server full;
     the first, never connected (the client never took the answer), is freed once no audio came for
@@ -453,6 +456,7 @@ def test_full_server_is_503(one_slot_server, tmp_path):
     assert refused is not None, "a WebSocket stream was served while a WebRTC peer held the only slot"
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_closed_peer_frees_its_stream(one_slot_server, tmp_path):
     """A peer that closes its connection (a closed tab: DTLS close) frees the slot; the next offer is answered.
     The video comes scaled to --webrtc-size 128x96."""
@@ -495,6 +499,7 @@ def _vanishing_peer(url: str, wav: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_vanished_peer_frees_its_stream(one_slot_server, tmp_path):
     """A peer that disappears without a word (its process killed) is dropped once no audio came for
     --stream-idle-s (2 s here); the slot is free again."""
@@ -531,6 +536,7 @@ def test_ice_failure_frees_its_stream(no_idle_server, tmp_path):
     assert srv.webrtc.closed_reasons[-1] in ("connection failed", "connection closed"), srv.webrtc.closed_reasons
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_answered_offer_never_connected_is_freed(no_idle_server, monkeypatch):
     """An offer answered but never connected (the client dropped the answer) is freed at the connect deadline
     (serve/webrtc.py CONNECT_S, 30 s, lowered to 2 s here), even with the no-audio limit off."""

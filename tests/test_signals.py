@@ -116,6 +116,7 @@ def test_signal_while_torch_loads(demo, tmp_path, command, sig):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_signal_while_the_avatar_and_models_load(demo, tmp_path, sig):
     """Right after the demo's note (its files are made; the avatar and checkpoints load next)."""
     env, tmp = env_with_tmp(tmp_path)
@@ -165,6 +166,7 @@ def test_signal_mid_render_leaves_neither_the_mp4_nor_the_frames_folder(demo, tm
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_serve_closes_every_websocket_with_1001_then_ends(tmp_path, sig):
     """SIGTERM used to drop the connections (clients saw 1006, abnormal); every stop signal now closes them with
     1001 (going away), then the server ends as the other commands do."""

@@ -114,6 +114,7 @@ def speech16(seconds: float, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ equality
 
 @pytest.mark.parametrize("chunking", ["one-sample", "random", "over-1s", "int16", "start-frame", "feather"])
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_stream_equals_whole_file_frames(ls, offline, chunking):
     x = speech16(1.2, seed=1)
     rng = np.random.default_rng(7)
@@ -139,6 +140,7 @@ def test_stream_equals_whole_file_frames(ls, offline, chunking):
     print(chunking, check_equal(got, offline(x, start_frame=start, blend=blend), ls.avatar, start or 0))
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_stream_frames_leave_as_soon_as_their_audio_has_arrived(ls, offline):
     """Frame i comes out of the push that brings 16 kHz sample s(i) = 200 (floor(3.2 (i + 6)) + 15) + 400 (RECIPE
     §3: its last window's last mel frame reads samples up to there), not earlier and not later; the rest at close."""
@@ -155,6 +157,7 @@ def test_stream_frames_leave_as_soon_as_their_audio_has_arrived(ls, offline):
     assert len(got) - sum(per_push) == sum(1 for n in need if n > len(x)) > 0    # the end of the audio at close
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_stream_at_24khz_is_close_to_whole_file(ls, offline):
     x = make_speech(1.2, 24000, seed=3)
     rng = np.random.default_rng(5)
@@ -186,6 +189,7 @@ def test_as_tensor_and_mouths(ls, offline, blend):
 
 # ------------------------------------------------------------------------------------------------ threads
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_streams_from_several_threads_do_not_mix_and_share_batches(ls, offline):
     """4 streams with different speech, pushed from 4 threads at once through one batcher: each gets its own
     frames (equal to its own whole-file frames), and the generator ran fewer batches than frames."""

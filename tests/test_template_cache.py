@@ -3,6 +3,7 @@ the same frames as decoding and preparing each video frame's template afresh, an
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lipsync_trt import audio as A
@@ -11,6 +12,7 @@ from lipsync_trt.compose import TemplateCrops
 from lipsync_trt import pipeline
 
 
+@pytest.mark.slow   # over 2 s on a quiet 2-core CPU: out of the fast loop (README "Tests")
 def test_cached_templates_give_the_same_frames_and_decode_once(sanders, torch_runner):
     av = AV.load(sanders, cache_size=0)   # no LRU: every avatar.frame call decodes the JPEG
     decoded = []
