@@ -63,8 +63,34 @@ def signal_exception(signum: int) -> BaseException:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
+RESEND_S = 0.05   # a signal that landed where its exception would be swallowed is delivered again this much later
+
+
+def _swallowed_here(frame) -> bool:
+    """Whether an exception raised in this frame is swallowed ("Exception ignored in ..."): importlib runs weakref
+    callbacks (its module locks') while a module is imported, and drops what they raise."""
+    return frame is not None and frame.f_code.co_filename.startswith("<frozen importlib")
+
+
+_resending = threading.Event()   # a resend is pending (one at a time)
+
+
+def _resend(signum: int) -> None:
+    """Deliver the signal again, unless the command has ended (its handler gone) or is unwinding already."""
+    import os
+
+    _resending.clear()
+    if not _stopping.is_set() and signal.getsignal(signum) is _on_stop_signal:
+        os.kill(os.getpid(), signum)
+
+
 def _on_stop_signal(signum, frame) -> None:
     if _stopping.is_set():   # already unwinding (a second Ctrl-C, SIGHUP then SIGTERM): let the clean-up finish
+        return
+    if _swallowed_here(frame):   # raising here would be lost and the command run on: the signal comes again soon
+        if not _resending.is_set():
+            _resending.set()
+            threading.Timer(RESEND_S, _resend, (signum,)).start()
         return
     _stopping.set()
     raise signal_exception(signum)

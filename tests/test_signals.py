@@ -188,3 +188,26 @@ def test_serve_closes_every_websocket_with_1001_then_ends(tmp_path, sig):
     rc, lines = proc.end(0)   # (signal 0: nothing more is sent; it only waits)
     assert_ended_by(rc, lines, sig, progress=("serving demo on",))
     assert ours(tmp) == []
+
+
+def test_a_signal_inside_importlibs_callbacks_is_delivered_again():
+    """A stop signal that lands in importlib's weakref callback (seen in CI: 'Exception ignored in ... cb', and the
+    export ran on to exit 0) is not raised there but sent again shortly, and then unwinds the command."""
+    import time
+    import types
+
+    from lipsync_trt import errors
+
+    frozen = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+
+    def command() -> int:
+        try:
+            errors._on_stop_signal(signal.SIGTERM, frozen)   # as if the signal landed in importlib's callback
+        except errors.Terminated:
+            return 99                                     # raised where importlib would have swallowed it
+        time.sleep(10)                                    # the resent signal ends this
+        return 0
+
+    t0 = time.monotonic()
+    assert errors.run_command(command) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 5
