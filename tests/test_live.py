@@ -23,6 +23,7 @@ import torch
 from lipsync_trt import api, backends
 from lipsync_trt import avatar as AV
 from lipsync_trt import recipe as R
+from lipsync_trt.bench.live import CountingRunner   # the real runner, its generator's frames counted
 from lipsync_trt.demo import demo_checkpoints, make_speech
 from lipsync_trt.errors import AudioError, StreamError, UsageError
 
@@ -251,20 +252,6 @@ def test_idle_generate_makes_every_frame(ls):
 
 
 # ------------------------------------------------------------------------------------------------ cost
-
-class CountingRunner:
-    """The real runner, with the frames its generator made counted."""
-
-    def __init__(self, runner):
-        self._runner, self.generated = runner, 0
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def generate(self, images, audio):
-        self.generated += len(images)
-        return self._runner.generate(images, audio)
-
 
 @pytest.mark.parametrize("idle, barge", [("template", False), ("template", True),
                                          pytest.param("generate", False, marks=pytest.mark.slow)])

@@ -100,7 +100,7 @@ def push_latency(ls, rate: int, pushes: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m lipsync_trt.bench live", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--avatar", default=None, help="avatar folder (default: the synthetic demo avatar)")
     ap.add_argument("--backend", default="onnxruntime" if backends.available()["onnxruntime"].usable else "torch")
     ap.add_argument("--batch-size", type=int, default=1, help="generator batch (default 1: fastest on a CPU)")
